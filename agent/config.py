@@ -1,0 +1,198 @@
+"""Every agent setting, typed, with its default and the reason for it — read from env and flags in this one place.
+
+Each field's metadata names its environment variable (``env``), its CLI flag (``flag``) and a one-line help.
+``dataclasses.fields(AgentSettings)`` is the single source for ``--help``, the README table and the manifests'
+tests. Nothing else in the agent reads ``os.environ`` for its own settings (the AWS SDK reads its own chain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mi": 1024**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "ti": 1024**4, "tib": 1024**4,
+    "p": 1000**5, "pb": 1000**5, "pi": 1024**5, "pib": 1024**5,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """``"2GiB"`` → 2147483648; ``"500MB"`` → 500000000; plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if not m or (m.group(2) or "").lower() not in _UNITS:
+        raise ConfigError(f"not a size: {text!r} (examples: 1048576, 500MiB, 2GiB, 100GB)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+def format_size(n: float) -> str:
+    """Human-readable binary size for logs and tables."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def _setting(default: Any, env: str, help: str, flag: str | None = None) -> Any:
+    meta = {"env": env, "help": help}
+    if flag:
+        meta["flag"] = flag
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """The agent's configuration. Defaults suit a DaemonSet on a GPU node with local NVMe."""
+
+    cache_dir: Path = _setting(Path("/var/lib/weightcache"), "WEIGHTCACHE_ROOT",
+                               "cache root (a hostPath on local NVMe)", "--cache-dir")
+    node_name: str = _setting("", "NODE_NAME", "this node's name (downward API spec.nodeName)", "--node-name")
+    metrics_host: str = _setting("0.0.0.0", "WEIGHTCACHE_METRICS_HOST",
+                                 "address of the read-only HTTP API (health, metrics, status)", "--metrics-host")
+    metrics_port: int = _setting(9400, "WEIGHTCACHE_METRICS_PORT",
+                                 "port of the read-only HTTP API; 0 disables it", "--metrics-port")
+    policy_file: Path | None = _setting(None, "WEIGHTCACHE_POLICY_FILE",
+                                        "policy/warm-set YAML (a mounted ConfigMap), re-read when it changes",
+                                        "--policy-file")
+    max_bytes: int = _setting(0, "WEIGHTCACHE_MAX_BYTES",
+                              "cache budget in bytes (e.g. 500GiB); 0 = no budget, only the free-space floor",
+                              "--max-bytes")
+    min_free_bytes: int = _setting(1024**3, "WEIGHTCACHE_MIN_FREE_BYTES",
+                                   "keep at least this much free on the cache filesystem (evict to stay above it)",
+                                   "--min-free-bytes")
+    concurrency: int = _setting(8, "WEIGHTCACHE_CONCURRENCY",
+                                "ranged GETs in flight, across all files and models (one global limit)",
+                                "--concurrency")
+    min_part_size: int = _setting(8 * 1024**2, "WEIGHTCACHE_PART_SIZE",
+                                  "smallest ranged-GET part; larger files get larger parts (≤ 64 MiB)",
+                                  "--part-size")
+    connect_timeout: float = _setting(5.0, "WEIGHTCACHE_CONNECT_TIMEOUT",
+                                      "seconds to open a connection to S3", "--connect-timeout")
+    read_timeout: float = _setting(30.0, "WEIGHTCACHE_READ_TIMEOUT",
+                                   "seconds without a byte from S3 before a part is retried", "--read-timeout")
+    max_attempts: int = _setting(8, "WEIGHTCACHE_MAX_ATTEMPTS",
+                                 "tries per S3 request for transient errors (throttling, 5xx, resets)",
+                                 "--max-attempts")
+    retry_base_delay: float = _setting(0.2, "WEIGHTCACHE_RETRY_BASE_DELAY",
+                                       "first retry backoff in seconds (exponential, full jitter)",
+                                       "--retry-base-delay")
+    retry_max_delay: float = _setting(10.0, "WEIGHTCACHE_RETRY_MAX_DELAY",
+                                      "cap on one retry backoff in seconds", "--retry-max-delay")
+    s3_addressing_style: str = _setting("auto", "WEIGHTCACHE_S3_ADDRESSING_STYLE",
+                                        "auto|path|virtual; auto = path when AWS_ENDPOINT_URL is set",
+                                        "--s3-addressing-style")
+    pods_file: Path | None = _setting(None, "WEIGHTCACHE_PODS_FILE",
+                                      "read Pod manifests from this YAML file instead of the Kubernetes API",
+                                      "--pods-file")
+    watch_timeout_seconds: int = _setting(300, "WEIGHTCACHE_WATCH_TIMEOUT",
+                                          "server-side timeout of one watch request (it is then resumed)",
+                                          "--watch-timeout")
+    inactivity_timeout_seconds: float = _setting(
+        90.0, "WEIGHTCACHE_WATCH_INACTIVITY_TIMEOUT",
+        "reconnect a watch silent this long (bookmarks come about every 60 s)", "--watch-inactivity-timeout")
+    reconnect_max_delay: float = _setting(30.0, "WEIGHTCACHE_RECONNECT_MAX_DELAY",
+                                          "cap on the watch reconnect backoff in seconds", "--reconnect-max-delay")
+    file_poll_interval: float = _setting(1.0, "WEIGHTCACHE_FILE_POLL_INTERVAL",
+                                         "how often the pods file and policy file are checked for changes",
+                                         "--file-poll-interval")
+    shutdown_grace_seconds: float = _setting(25.0, "WEIGHTCACHE_SHUTDOWN_GRACE_SECONDS",
+                                             "on SIGTERM, wait this long for tasks (pod grace period is 30 s)",
+                                             "--shutdown-grace")
+    orphan_max_age_seconds: float = _setting(24 * 3600.0, "WEIGHTCACHE_ORPHAN_MAX_AGE",
+                                             "partial downloads untouched this long are deleted at start-up",
+                                             "--orphan-max-age")
+    old_revision_grace_seconds: float = _setting(
+        600.0, "WEIGHTCACHE_OLD_REVISION_GRACE",
+        "keep a replaced revision this long for pods still opening it", "--old-revision-grace")
+    log_format: str = _setting("auto", "WEIGHTCACHE_LOG_FORMAT", "json|text|auto (json unless a terminal)",
+                               "--log-format")
+    log_level: str = _setting("INFO", "WEIGHTCACHE_LOG_LEVEL", "DEBUG|INFO|WARNING|ERROR", "--log-level")
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigError(f"concurrency must be ≥ 1, got {self.concurrency}")
+        if self.min_part_size < 1024 * 1024:
+            raise ConfigError(f"part size must be ≥ 1 MiB, got {self.min_part_size}")
+        if self.max_attempts < 1:
+            raise ConfigError(f"max attempts must be ≥ 1, got {self.max_attempts}")
+        if self.s3_addressing_style not in ("auto", "path", "virtual"):
+            raise ConfigError(f"s3 addressing style must be auto|path|virtual, got {self.s3_addressing_style!r}")
+        if self.log_format not in ("auto", "json", "text"):
+            raise ConfigError(f"log format must be auto|json|text, got {self.log_format!r}")
+        if self.max_bytes < 0 or self.min_free_bytes < 0:
+            raise ConfigError("byte budgets must be ≥ 0")
+
+    @property
+    def control_socket(self) -> Path:
+        """The Unix socket for cache-changing requests: inside the root, in a 0700 directory."""
+        return self.cache_dir / ".control" / "agent.sock"
+
+
+_SIZE_FIELDS = {"max_bytes", "min_free_bytes", "min_part_size"}
+
+
+def _convert(f: dataclasses.Field[Any], raw: Any) -> Any:
+    if raw is None:
+        return None
+    name, default = f.name, f.default
+    try:
+        if name in _SIZE_FIELDS:
+            return parse_size(raw)
+        if isinstance(default, bool):
+            return str(raw).lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, Path) or name.endswith(("_file", "_dir")):
+            return Path(raw) if str(raw) else None
+        return str(raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{f.metadata['env']}: cannot read {raw!r} as {name}: {e}") from e
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, only: set[str] | None = None) -> None:
+    """Add a flag for each setting (or those in ``only``); defaults stay None so the env can fill them."""
+    for f in dataclasses.fields(AgentSettings):
+        flag = f.metadata.get("flag")
+        if not flag or (only is not None and f.name not in only):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
+                            help=f"{f.metadata['help']} [env {f.metadata['env']}; default: {default}]")
+
+
+def load_settings(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None,
+                  **overrides: Any) -> AgentSettings:
+    """Build settings: explicit overrides, then flags, then environment, then defaults."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(AgentSettings):
+        raw: Any = None
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+            continue
+        if args is not None and getattr(args, f.name, None) is not None:
+            raw = getattr(args, f.name)
+        elif env.get(f.metadata["env"]):
+            raw = env[f.metadata["env"]]
+        if raw is not None:
+            values[f.name] = _convert(f, raw)
+    return AgentSettings(**values)

@@ -1,0 +1,430 @@
+"""Make one model ready: list it, plan parts, download in parallel, verify, hand it to the cache to publish.
+
+Every ranged GET of every file of every model goes through one global semaphore (``concurrency``), so a node
+never opens more connections than configured however many pods ask at once. Parts are written with ``os.pwrite``
+into a preallocated temp file from a worker thread; each finished part is appended to a ``.parts`` record, so a
+crash (even ``kill -9``) loses only the parts in flight. The xxh3-128 of a file is computed while it downloads,
+reading back the contiguous prefix of finished parts from the page cache, and recorded in the manifest.
+Memory is bounded: one buffer of at most ``BUFFER_SIZE`` per GET in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from agent.cache import Cache, Lookup, Manifest, ManifestFile, PlannedFile, compute_revision, source_id
+from agent.config import AgentSettings
+from agent.errors import (
+    BudgetExceededError,
+    InvalidUriError,
+    ObjectChangedError,
+    ObjectNotFoundError,
+    S3Error,
+    WeightcacheError,
+)
+from agent.eviction import make_room
+from agent.s3 import S3Client
+from agent.uris import ModelUri, parse_model_uri, validate_relative_key
+
+log = logging.getLogger(__name__)
+
+BUFFER_SIZE = 4 * 1024 * 1024
+MAX_PART_SIZE = 64 * 1024 * 1024
+#: A model whose objects keep changing under us is re-listed this many times before the fetch fails.
+MAX_RELISTS = 3
+
+ProgressFn = Callable[[int], None]
+
+
+def part_size_for(size: int, *, min_part: int, concurrency: int) -> int:
+    """Parts big enough to keep request overhead low, small enough that one file fans out over the pool."""
+    target = -(-size // max(concurrency, 1))
+    part = min_part
+    while part < target and part < MAX_PART_SIZE:
+        part *= 2
+    return min(part, MAX_PART_SIZE)
+
+
+def plan_parts(size: int, part: int) -> list[tuple[int, int]]:
+    return [(start, min(part, size - start)) for start in range(0, size, part)]
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """What a demand for one model came to."""
+
+    uri: str
+    path: Path
+    model_id: str
+    revision: str
+    total_bytes: int
+    downloaded_bytes: int
+    seconds: float
+    hit: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    uri: ModelUri
+    files: tuple[PlannedFile, ...]
+    revision: str
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class Fetcher:
+    """Fetches models into a :class:`Cache`; one fetch per model at a time, across tasks and processes."""
+
+    def __init__(self, settings: AgentSettings, cache: Cache, s3: S3Client, *,
+                 pinned: Callable[[], set[str]] | None = None,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
+        self.settings = settings
+        self.cache = cache
+        self.s3 = s3
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._buffers: list[bytearray] = []
+        self._inflight: dict[str, asyncio.Task[FetchResult]] = {}
+        self._pinned = pinned or (lambda: set())
+        self._on_bytes = on_bytes
+        self.bytes_downloaded = 0
+
+    # ----- public ---------------------------------------------------------------------------------------
+
+    async def ensure(self, uri: ModelUri | str, *, progress: ProgressFn | None = None) -> FetchResult:
+        """Make ``uri`` ready (or confirm it is current) and return where it is. Joins a fetch already running."""
+        model = parse_model_uri(uri) if isinstance(uri, str) else uri
+        task = self._inflight.get(model.model_id)
+        if task is None:
+            task = asyncio.create_task(self._ensure(model, progress), name=f"fetch {model.uri}")
+            self._inflight[model.model_id] = task
+            task.add_done_callback(lambda t, mid=model.model_id: self._inflight.pop(mid, None))
+        return await asyncio.shield(task)
+
+    def lookup(self, uri: ModelUri) -> Lookup | None:
+        return self.cache.lookup(uri)
+
+    async def list_model(self, model: ModelUri) -> Listing:
+        """What the model is in S3 right now: files with relative paths (validated), sizes, ETags."""
+        if model.is_prefix:
+            objects = await self.s3.list_objects(model.bucket, model.list_prefix)
+            files: list[PlannedFile] = []
+            for o in objects:
+                rel = o.key[len(model.list_prefix):]
+                if rel.endswith("/") and o.size == 0:
+                    continue  # a "directory marker" made by consoles and sync tools
+                validate_relative_key(rel, key=o.key)
+                files.append(PlannedFile(relpath=rel, key=o.key, size=o.size, etag=o.etag))
+            if not files:
+                raise ObjectNotFoundError(f"{model}: no objects under s3://{model.bucket}/{model.list_prefix}")
+            names = {f.relpath for f in files}
+            for f in files:
+                parts = f.relpath.split("/")
+                for i in range(1, len(parts)):
+                    if "/".join(parts[:i]) in names:
+                        raise InvalidUriError(
+                            f"{model}: key {f.key!r} needs {'/'.join(parts[:i])!r} to be a directory, "
+                            "but it is also an object")
+        else:
+            o = await self.s3.head_object(model.bucket, model.key)
+            files = [PlannedFile(relpath=model.key.rsplit("/", 1)[-1], key=o.key, size=o.size, etag=o.etag)]
+        return Listing(uri=model, files=tuple(files), revision=compute_revision(files))
+
+    # ----- one model -------------------------------------------------------------------------------------
+
+    async def _ensure(self, model: ModelUri, progress: ProgressFn | None) -> FetchResult:
+        started = time.monotonic()
+        ready = self.cache.lookup(model)
+        if ready is not None and ready.via_outer:
+            self.cache.touch(ready.manifest.model_id)
+            return self._result(model, ready, started, hit=True)
+        self.cache.check_overlap(model)
+        for attempt in range(1, MAX_RELISTS + 1):
+            try:
+                listing = await self.list_model(model)
+            except S3Error as e:
+                if ready is not None and not isinstance(e, ObjectNotFoundError):
+                    log.warning("%s: cannot check S3 for changes (%s); serving the cached revision", model, e)
+                    self.cache.touch(ready.manifest.model_id)
+                    return self._result(model, ready, started, hit=True)
+                raise
+            if ready is not None and ready.manifest.revision == listing.revision:
+                self.cache.touch(ready.manifest.model_id)
+                return self._result(model, ready, started, hit=True)
+            try:
+                async with self.cache.model_lock(model.model_id):
+                    ready = self.cache.lookup(model)  # another process may have published while we waited
+                    if ready is not None and ready.manifest.revision == listing.revision:
+                        self.cache.touch(model.model_id)
+                        return self._result(model, ready, started, hit=True)
+                    downloaded = await self._fetch_locked(listing, progress, started)
+            except ObjectChangedError as e:
+                if attempt == MAX_RELISTS:
+                    raise
+                log.warning("%s: %s; listing again (attempt %d/%d)", model, e, attempt + 1, MAX_RELISTS)
+                continue
+            ready = self.cache.lookup(model)
+            if ready is None:
+                raise WeightcacheError(f"{model}: published but not visible; is the cache root shared oddly?")
+            return self._result(model, ready, started, hit=False, downloaded=downloaded)
+        raise AssertionError("unreachable")
+
+    def _result(self, model: ModelUri, ready: Lookup, started: float, *, hit: bool,
+                downloaded: int = 0) -> FetchResult:
+        m = ready.manifest
+        return FetchResult(uri=model.uri, path=ready.path, model_id=m.model_id, revision=m.revision,
+                           total_bytes=m.total_bytes, downloaded_bytes=downloaded,
+                           seconds=time.monotonic() - started, hit=hit)
+
+    async def _fetch_locked(self, listing: Listing, progress: ProgressFn | None, started: float) -> int:
+        model, revision = listing.uri, listing.revision
+        cache = self.cache
+        journal = cache.journal_read(model.model_id, revision)
+        index = cache.source_index()
+        staging = cache.reset_staging(model.model_id, revision)
+        done: list[ManifestFile] = []
+        todo: list[PlannedFile] = []
+        for f in listing.files:
+            known = journal.get(f.relpath)
+            digest = known.xxh3_128 if known and known.size == f.size and known.etag == f.etag else None
+            digest = digest or index.get((model.bucket, f.key, f.etag, f.size))
+            if digest and cache.link_existing_blob(digest=digest, size=f.size, staging=staging, relpath=f.relpath):
+                done.append(ManifestFile(path=f.relpath, size=f.size, xxh3_128=digest, key=f.key, etag=f.etag))
+                if progress:
+                    progress(f.size)
+            else:
+                todo.append(f)
+        if hasattr(progress, "add_total"):
+            progress.add_total(listing.total_bytes)
+        need = sum(f.size for f in todo) - self._resumable_bytes(model, todo)
+        await asyncio.to_thread(make_room, cache, need_bytes=max(need, 0), settings=self.settings,
+                                pinned=self._pinned() | {model.model_id}, for_uri=model.uri)
+        log.info("%s: fetching %d files (%d bytes; %d files already cached) revision %s", model, len(todo),
+                 sum(f.size for f in todo), len(done), revision)
+        before = self.bytes_downloaded
+        try:
+            results = await _gather_all(self._fetch_file(model, revision, f, staging, progress) for f in todo)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                import shutil
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        done.extend(results)
+        done.sort(key=lambda f: f.path)
+        await asyncio.to_thread(cache.publish, uri=model, revision=revision, files=done,
+                                fetch_seconds=time.monotonic() - started)
+        cache.journal_clear(model.model_id, revision)
+        return self.bytes_downloaded - before
+
+    def _resumable_bytes(self, model: ModelUri, files: list[PlannedFile]) -> int:
+        total = 0
+        for f in files:
+            tmp = self.cache.tmp_download_path(source_id(model.bucket, f.key, f.etag, f.size))
+            with contextlib.suppress(FileNotFoundError):
+                total += tmp.stat().st_blocks * 512
+        return min(total, sum(f.size for f in files))
+
+    # ----- one file ----------------------------------------------------------------------------------------
+
+    async def _fetch_file(self, model: ModelUri, revision: str, f: PlannedFile, staging: Path,
+                          progress: ProgressFn | None) -> ManifestFile:
+        src = source_id(model.bucket, f.key, f.etag, f.size)
+        tmp = self.cache.tmp_download_path(src)
+        record = tmp.with_suffix(".parts")
+        part = part_size_for(f.size, min_part=self.settings.min_part_size, concurrency=self.settings.concurrency)
+        parts = plan_parts(f.size, part)
+        header = f"weightcache-parts v1 size={f.size} part={part}\n"
+        finished = await asyncio.to_thread(_open_record, tmp, record, header, f.size)
+        if progress and finished:
+            progress(sum(parts[i][1] for i in finished if i < len(parts)))
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            hasher = _FrontierHasher(fd, parts, finished)
+            hash_task = asyncio.create_task(hasher.run(), name=f"hash {f.key}")
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for i, (start, length) in enumerate(parts):
+                        if i not in finished:
+                            tg.create_task(self._fetch_part(model, f, fd, record, i, start, length, hasher, progress),
+                                           name=f"part {i} of {f.key}")
+                digest = await hash_task
+            finally:
+                if not hash_task.done():
+                    hash_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await hash_task
+        finally:
+            os.close(fd)
+        size = os.stat(tmp).st_size
+        if size != f.size:
+            raise S3Error(f"{f.key}: downloaded {size} bytes, expected {f.size}")
+        entry = ManifestFile(path=f.relpath, size=f.size, xxh3_128=digest, key=f.key, etag=f.etag)
+        await asyncio.to_thread(self.cache.adopt_file, tmp, digest=digest, size=f.size, staging=staging,
+                                relpath=f.relpath)
+        with contextlib.suppress(FileNotFoundError):
+            record.unlink()
+        self.cache.journal_append(model.model_id, revision, entry)
+        return entry
+
+    async def _fetch_part(self, model: ModelUri, f: PlannedFile, fd: int, record: Path, index: int, start: int,
+                          length: int, hasher: _FrontierHasher, progress: ProgressFn | None) -> None:
+        async with self._slots:
+            buffer = self._buffers.pop() if self._buffers else bytearray(min(BUFFER_SIZE, max(length, 1)))
+            if len(buffer) < min(BUFFER_SIZE, length):
+                buffer = bytearray(min(BUFFER_SIZE, length))
+            try:
+                async def sink(offset: int, view: memoryview) -> None:
+                    await asyncio.to_thread(_pwrite_all, fd, view, offset)
+                    self.bytes_downloaded += len(view)
+                    if self._on_bytes:
+                        self._on_bytes(len(view))
+                    if progress:
+                        progress(len(view))
+
+                await self.s3.read_range(bucket=model.bucket, key=f.key, etag=f.etag, start=start, length=length,
+                                         buffer=buffer, sink=sink)
+            finally:
+                self._buffers.append(buffer)
+        await asyncio.to_thread(_append_record, record, index)
+        hasher.part_done(index)
+
+
+class _FrontierHasher:
+    """Hashes a file in order while its parts finish out of order, reading finished parts back via pread."""
+
+    def __init__(self, fd: int, parts: list[tuple[int, int]], finished: set[int]) -> None:
+        self._fd = fd
+        self._parts = parts
+        self._done = set(finished)
+        self._changed = asyncio.Event()
+        self._changed.set()
+        self._buffer = bytearray(min(BUFFER_SIZE, max((parts[-1][0] + parts[-1][1]) if parts else 1, 1)))
+
+    def part_done(self, index: int) -> None:
+        self._done.add(index)
+        self._changed.set()
+
+    async def run(self) -> str:
+        h = xxhash.xxh3_128()
+        nxt = 0
+        while nxt < len(self._parts):
+            await self._changed.wait()
+            self._changed.clear()
+            end = nxt
+            while end < len(self._parts) and end in self._done:
+                end += 1
+            if end > nxt:
+                start = self._parts[nxt][0]
+                stop = self._parts[end - 1][0] + self._parts[end - 1][1]
+                await asyncio.to_thread(_hash_range, self._fd, h, start, stop, self._buffer)
+                nxt = end
+        return h.hexdigest()
+
+
+def _hash_range(fd: int, h: xxhash.xxh3_128, start: int, stop: int, buf: bytearray) -> None:
+    view = memoryview(buf)
+    pos = start
+    while pos < stop:
+        n = os.preadv(fd, [view[: min(len(buf), stop - pos)]], pos)
+        if n <= 0:
+            raise S3Error(f"short read while hashing at {pos}")
+        h.update(view[:n])
+        pos += n
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _open_record(tmp: Path, record: Path, header: str, size: int) -> set[int]:
+    """Open (or start) a resumable download: returns the parts already on disk."""
+    finished: set[int] = set()
+    try:
+        lines = record.read_text("ascii", errors="replace").splitlines()
+        if lines and lines[0] + "\n" == header and tmp.exists() and tmp.stat().st_size == size:
+            for line in lines[1:]:
+                if line.isdigit():
+                    finished.add(int(line))
+            return finished
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        if size:
+            try:
+                os.posix_fallocate(fd, 0, size)  # claim the space now: ENOSPC before, not after, the download
+            except OSError as e:
+                import errno as _errno
+                if e.errno in (_errno.ENOSPC, _errno.EDQUOT):
+                    os.close(fd)
+                    fd = -1
+                    tmp.unlink(missing_ok=True)
+                    from agent.errors import DiskFullError
+                    raise DiskFullError(f"no space for a {size}-byte file in {tmp.parent}") from e
+                os.ftruncate(fd, size)  # filesystems without fallocate
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    record.write_text(header, "ascii")
+    return finished
+
+
+def _append_record(record: Path, index: int) -> None:
+    fd = os.open(record, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, f"{index}\n".encode())
+    finally:
+        os.close(fd)
+
+
+async def _gather_all(coros: object) -> list[ManifestFile]:
+    """Run all, fail fast: the first error cancels the rest (a TaskGroup), re-raised unwrapped."""
+    results: list[ManifestFile] = []
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(c) for c in coros]  # type: ignore[attr-defined]
+    except BaseExceptionGroup as eg:
+        raise _first_error(eg) from None
+    for t in tasks:
+        results.append(t.result())
+    return results
+
+
+def _first_error(eg: BaseExceptionGroup) -> BaseException:
+    for e in eg.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            return _first_error(e)
+        if not isinstance(e, asyncio.CancelledError):
+            return e
+    return eg.exceptions[0]
+
+
+async def prefetch_models(uris: list[str], *, cache_dir: Path, settings: AgentSettings | None = None,
+                          progress: ProgressFn | None = None) -> list[Path]:
+    """Make every model ready in ``cache_dir`` and return their paths (the server's fallback uses this)."""
+    from agent.config import load_settings
+
+    settings = settings or load_settings(cache_dir=Path(cache_dir))
+    cache = Cache(settings.cache_dir)
+    cache.recover(orphan_max_age_seconds=settings.orphan_max_age_seconds)
+    async with S3Client(settings) as s3:
+        fetcher = Fetcher(settings, cache, s3)
+        results = await asyncio.gather(*(fetcher.ensure(u, progress=progress) for u in uris))
+    return [r.path for r in results]
+
+
+__all__ = ["FetchResult", "Fetcher", "Listing", "prefetch_models", "part_size_for", "plan_parts",
+           "BudgetExceededError", "Manifest"]

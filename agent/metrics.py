@@ -1,0 +1,47 @@
+"""Prometheus metrics, defined once, on the agent's own registry.
+
+Names and labels are part of the product contract (PRODUCT.md "Metrics"); dashboards and alerts depend on them.
+Label values are bounded (results, reasons, states): never a URI, a pod name or anything a user controls.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# `_created` series double every counter's cardinality and no dashboard reads them.
+disable_created_metrics()
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+CACHE_REQUESTS = Counter(
+    "weightcache_cache_requests", "Demands for a model by a pod, counted when first seen: hit if already ready.",
+    ["result"], registry=REGISTRY)
+FETCH_BYTES = Counter("weightcache_fetch_bytes", "Bytes of model data downloaded from S3.", registry=REGISTRY)
+FETCH_DURATION = Histogram(
+    "weightcache_fetch_duration_seconds", "Time to make a model ready when it had to be fetched.",
+    buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600), registry=REGISTRY)
+FETCH_FAILURES = Counter("weightcache_fetch_failures", "Fetches that failed, by reason.", ["reason"],
+                         registry=REGISTRY)
+FETCH_IN_PROGRESS = Gauge("weightcache_fetch_in_progress", "Model fetches running now.", registry=REGISTRY)
+CACHE_BYTES_USED = Gauge("weightcache_cache_bytes_used", "Bytes the cache occupies on disk.", registry=REGISTRY)
+CACHE_BYTES_CAPACITY = Gauge(
+    "weightcache_cache_bytes_capacity",
+    "The cache's capacity: the byte budget, or (without one) what the filesystem allows.", registry=REGISTRY)
+EVICTIONS = Counter("weightcache_evictions", "Models evicted.", registry=REGISTRY)
+EVICTED_BYTES = Counter("weightcache_evicted_bytes", "Bytes freed by eviction.", registry=REGISTRY)
+MODELS = Gauge("weightcache_models", "Models known to the agent, by state.", ["state"], registry=REGISTRY)
+WATCH_RECONNECTS = Counter("weightcache_watch_reconnects", "Pod watch reconnects (incl. relists after 410).",
+                           ["reason"], registry=REGISTRY)
+POLICY_REJECTIONS = Counter("weightcache_policy_rejections", "Model demands refused by policy or as invalid.",
+                            ["reason"], registry=REGISTRY)
+EVENTS_POSTED = Counter("weightcache_events_posted", "Kubernetes Events posted (created or count-bumped).",
+                        ["reason"], registry=REGISTRY)
+HIT_LATENCY = Histogram(
+    "weightcache_demand_to_event_seconds", "From a demand seen to its Ready/Failed Event posted.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800), registry=REGISTRY)
+
+MODEL_STATES = ("pending", "fetching", "ready", "failed", "rejected")
+for _state in MODEL_STATES:
+    MODELS.labels(state=_state)
+for _result in ("hit", "miss"):
+    CACHE_REQUESTS.labels(result=_result)
