@@ -48,7 +48,8 @@ HASH_CHUNK = 8 * 1024 * 1024
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    # Milliseconds: LRU order compares these strings, and models fetched or used within one second must not tie.
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def hash_file(path: Path | str) -> str:
@@ -306,8 +307,24 @@ class Cache:
     @contextlib.asynccontextmanager
     async def model_lock(self, model_id: str, *, poll: float = 0.05) -> AsyncIterator[None]:
         """Exclusive across processes and tasks: one download per model on the node."""
+        async with self._async_flock(f"model-{model_id}.lock", poll=poll):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def source_lock(self, src_id: str, *, poll: float = 0.05) -> AsyncIterator[None]:
+        """Exclusive across processes and tasks: one writer per ``tmp/<source-id>.incomplete``.
+
+        Two models can contain the same object (``s3://b/m/`` and ``s3://b/m/a.bin``); their downloads resume into
+        the same temp file, so without this one would truncate or adopt the file under the other.
+        """
+        async with self._async_flock(f"source-{src_id}.lock", poll=poll):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _async_flock(self, name: str, *, poll: float) -> AsyncIterator[None]:
+        # flock belongs to the open file description, so two tasks of one process exclude each other too.
         self.locks.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.locks / f"model-{model_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.locks / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             while True:
                 try:
@@ -338,6 +355,17 @@ class Cache:
         """Short exclusive lock around blob adoption and deletion (blocking; hold it briefly, off the loop)."""
         self.locks.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.locks / "blobs.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _publish_lock(self) -> Iterator[None]:
+        """Short exclusive lock around swapping pointers under ``models/`` (blocking; off the loop)."""
+        self.locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.locks / "publish.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -416,30 +444,38 @@ class Cache:
                         os.fsync(fd)
                     finally:
                         os.close(fd)
-            if snapshot.exists():  # same revision published before (e.g. pointer lost): replace it whole
-                shutil.rmtree(snapshot)
-            os.rename(staging, snapshot)
-            target = snapshot if uri.is_prefix else snapshot / files[0].path
-            snapshot_rel = str(snapshot.relative_to(self.root))
-            old = self.read_manifest(model_id)
-            manifest = Manifest(
-                uri=uri.uri, kind="prefix" if uri.is_prefix else "object", model_id=model_id, revision=revision,
-                snapshot=snapshot_rel, path=uri.mirrored_relpath, files=tuple(files), total_bytes=total,
-                fetched_at=now_iso(), last_used=now_iso(), fetch_seconds=round(fetch_seconds, 3))
-            self.write_manifest(manifest)
-            pointer.parent.mkdir(parents=True, exist_ok=True)
-            link_text = os.path.relpath(target, pointer.parent)
-            tmp_link = pointer.parent / f".{pointer.name}.{uuid.uuid4().hex}.link"
-            os.symlink(link_text, tmp_link)
-            try:
-                if pointer.is_dir() and not pointer.is_symlink():
-                    raise OverlappingModelError(f"{uri}: {uri.mirrored_relpath} is a directory of other models")
-                os.replace(tmp_link, pointer)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp_link.unlink()
-            if self.fsync:
-                _fsync_dir(pointer.parent)
+            # One publisher at a time, overlap checked again inside: an outer prefix model published while this
+            # (inner) one downloaded would otherwise have its snapshot written into through its own pointer.
+            with self._publish_lock():
+                self.check_overlap(uri)
+                outer = self._outer_pointer(uri)
+                if outer is not None:
+                    raise OverlappingModelError(
+                        f"{uri} lies inside {outer.relative_to(self.root)}, a model published meanwhile; "
+                        "it is served from there")
+                if snapshot.exists():  # same revision published before (e.g. pointer lost): replace it whole
+                    shutil.rmtree(snapshot)
+                os.rename(staging, snapshot)
+                target = snapshot if uri.is_prefix else snapshot / files[0].path
+                snapshot_rel = str(snapshot.relative_to(self.root))
+                old = self.read_manifest(model_id)
+                manifest = Manifest(
+                    uri=uri.uri, kind="prefix" if uri.is_prefix else "object", model_id=model_id,
+                    revision=revision, snapshot=snapshot_rel, path=uri.mirrored_relpath, files=tuple(files),
+                    total_bytes=total, fetched_at=now_iso(), last_used=now_iso(),
+                    fetch_seconds=round(fetch_seconds, 3))
+                self.write_manifest(manifest)
+                pointer.parent.mkdir(parents=True, exist_ok=True)
+                link_text = os.path.relpath(target, pointer.parent)
+                tmp_link = pointer.parent / f".{pointer.name}.{uuid.uuid4().hex}.link"
+                os.symlink(link_text, tmp_link)
+                try:
+                    os.replace(tmp_link, pointer)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        tmp_link.unlink()
+                if self.fsync:
+                    _fsync_dir(pointer.parent)
             if old is not None and old.revision != revision:
                 log.info("published %s revision %s (replaces %s, kept for open readers)", uri, revision,
                          old.revision)

@@ -101,6 +101,12 @@ class AgentSettings:
     pods_file: Path | None = _setting(None, "WEIGHTCACHE_PODS_FILE",
                                       "read Pod manifests from this YAML file instead of the Kubernetes API",
                                       "--pods-file")
+    node_labels: str = _setting("", "WEIGHTCACHE_NODE_LABELS",
+                                "with --pods-file: this node's labels (k=v,k2=v2) for warm-set selectors",
+                                "--node-labels")
+    model_workers: int = _setting(4, "WEIGHTCACHE_MODEL_WORKERS",
+                                  "models fetched at once (their parts share the one concurrency limit)",
+                                  "--model-workers")
     watch_timeout_seconds: int = _setting(300, "WEIGHTCACHE_WATCH_TIMEOUT",
                                           "server-side timeout of one watch request (it is then resumed)",
                                           "--watch-timeout")

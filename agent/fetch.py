@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from agent.errors import (
     InvalidUriError,
     ObjectChangedError,
     ObjectNotFoundError,
+    OverlappingModelError,
     S3Error,
     WeightcacheError,
 )
@@ -164,10 +166,17 @@ class Fetcher:
             try:
                 async with self.cache.model_lock(model.model_id):
                     ready = self.cache.lookup(model)  # another process may have published while we waited
-                    if ready is not None and ready.manifest.revision == listing.revision:
-                        self.cache.touch(model.model_id)
+                    if ready is not None and (ready.via_outer or ready.manifest.revision == listing.revision):
+                        self.cache.touch(ready.manifest.model_id)
                         return self._result(model, ready, started, hit=True)
                     downloaded = await self._fetch_locked(listing, progress, started)
+            except OverlappingModelError:
+                # An outer prefix model was published while this one downloaded: serve from it if it can.
+                ready = self.cache.lookup(model)
+                if ready is not None and ready.via_outer:
+                    self.cache.touch(ready.manifest.model_id)
+                    return self._result(model, ready, started, hit=True)
+                raise
             except ObjectChangedError as e:
                 if attempt == MAX_RELISTS:
                     raise
@@ -206,23 +215,25 @@ class Fetcher:
                 todo.append(f)
         if hasattr(progress, "add_total"):
             progress.add_total(listing.total_bytes)
-        need = sum(f.size for f in todo) - self._resumable_bytes(model, todo)
-        await asyncio.to_thread(make_room, cache, need_bytes=max(need, 0), settings=self.settings,
-                                pinned=self._pinned() | {model.model_id}, for_uri=model.uri)
-        log.info("%s: fetching %d files (%d bytes; %d files already cached) revision %s", model, len(todo),
-                 sum(f.size for f in todo), len(done), revision)
         before = self.bytes_downloaded
+        # Every failure from here on (no room, a download, publishing) removes the staging tree: nothing of a
+        # failed fetch stays under snapshots/ (partial downloads stay in tmp/, for resume).
         try:
+            need = sum(f.size for f in todo) - self._resumable_bytes(model, todo)
+            await asyncio.to_thread(make_room, cache, need_bytes=max(need, 0), settings=self.settings,
+                                    pinned=self._pinned() | {model.model_id}, for_uri=model.uri)
+            log.info("%s: fetching %d files (%d bytes; %d files already cached) revision %s", model, len(todo),
+                     sum(f.size for f in todo), len(done), revision)
             results = await _gather_all(self._fetch_file(model, revision, f, staging, progress) for f in todo)
+            done.extend(results)
+            done.sort(key=lambda f: f.path)
+            await asyncio.to_thread(cache.publish, uri=model, revision=revision, files=done,
+                                    fetch_seconds=time.monotonic() - started)
         except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
             with contextlib.suppress(OSError):
-                import shutil
-                shutil.rmtree(staging, ignore_errors=True)
+                staging.parent.rmdir()  # only if empty: no other revision of this model lives there
             raise
-        done.extend(results)
-        done.sort(key=lambda f: f.path)
-        await asyncio.to_thread(cache.publish, uri=model, revision=revision, files=done,
-                                fetch_seconds=time.monotonic() - started)
         cache.journal_clear(model.model_id, revision)
         return self.bytes_downloaded - before
 
@@ -239,6 +250,11 @@ class Fetcher:
     async def _fetch_file(self, model: ModelUri, revision: str, f: PlannedFile, staging: Path,
                           progress: ProgressFn | None) -> ManifestFile:
         src = source_id(model.bucket, f.key, f.etag, f.size)
+        async with self.cache.source_lock(src):
+            return await self._fetch_file_locked(model, revision, f, staging, progress, src)
+
+    async def _fetch_file_locked(self, model: ModelUri, revision: str, f: PlannedFile, staging: Path,
+                                 progress: ProgressFn | None, src: str) -> ManifestFile:
         tmp = self.cache.tmp_download_path(src)
         record = tmp.with_suffix(".parts")
         part = part_size_for(f.size, min_part=self.settings.min_part_size, concurrency=self.settings.concurrency)

@@ -1,0 +1,326 @@
+"""The Kubernetes API: pods list+watch on this node, Events, the readiness-gate condition, node labels and taint.
+
+The only module that imports ``kubernetes``. The official client is synchronous: every call runs in a worker
+thread, and a watch streams its lines from a thread into an asyncio queue. Watching follows kopf's three layers:
+*infinite* (relist after 410 Gone or an error, with bounded backoff) → *continuous* (resume from the last
+resourceVersion, bookmarks included, until the server says the version is too old) → *one request* (a single
+streaming GET with a server timeout and a client inactivity timeout). Unknown event types are logged and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import threading
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from agent import metrics
+from agent.config import AgentSettings
+from agent.errors import ConfigError
+from agent.pods import PodFormatError, PodInfo, pod_from_dict
+from agent.reporting import WARNING, EventAggregator
+from agent.uris import label_key_for
+
+log = logging.getLogger(__name__)
+
+STARTUP_TAINT_KEY = "weightcache.io/warming"
+NODE_ANNOTATION = "weightcache.io/models"
+LABEL_PREFIX = "models.weightcache.io/"
+COMPONENT = "weightcache-agent"
+
+
+class WatchExpired(Exception):
+    """The resourceVersion we watch from is too old (410 Gone): relist."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _now_micro() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class KubeApi:
+    """Thin synchronous wrapper over CoreV1Api with raw-dict results (call it through ``asyncio.to_thread``)."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        try:
+            try:
+                config.load_incluster_config()
+            except ConfigException:
+                config.load_kube_config()
+        except (ConfigException, OSError, TypeError) as e:
+            raise ConfigError(f"no Kubernetes configuration (in-cluster or KUBECONFIG): {e}") from e
+        self.core = client.CoreV1Api()
+        self.node = settings.node_name
+
+    def _json(self, resp: Any) -> Any:
+        try:
+            return json.loads(resp.data)
+        finally:
+            resp.release_conn()
+
+    def _timeout(self) -> tuple[float, float]:
+        return (self.settings.connect_timeout, self.settings.read_timeout)
+
+    def list_pods(self) -> tuple[list[dict[str, Any]], str]:
+        items: list[dict[str, Any]] = []
+        cont: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"field_selector": f"spec.nodeName={self.node}", "limit": 500}
+            if cont:
+                kwargs["_continue"] = cont
+            data = self._json(self.core.list_pod_for_all_namespaces(
+                _preload_content=False, _request_timeout=self._timeout(), **kwargs))
+            items.extend(data.get("items") or [])
+            meta = data.get("metadata") or {}
+            cont = meta.get("continue")
+            if not cont:
+                return items, str(meta.get("resourceVersion") or "")
+
+    def open_watch(self, resource_version: str) -> Any:
+        return self.core.list_pod_for_all_namespaces(
+            field_selector=f"spec.nodeName={self.node}", watch=True, resource_version=resource_version,
+            allow_watch_bookmarks=True, timeout_seconds=self.settings.watch_timeout_seconds,
+            _preload_content=False,
+            _request_timeout=(self.settings.connect_timeout, self.settings.inactivity_timeout_seconds))
+
+    def get_node(self) -> dict[str, Any]:
+        return dict(self._json(self.core.read_node(self.node, _preload_content=False,
+                                                   _request_timeout=self._timeout())))
+
+    def patch_node(self, body: Any) -> None:
+        self.core.patch_node(self.node, body, _preload_content=False, _request_timeout=self._timeout()).release_conn()
+
+    def patch_pod_status(self, namespace: str, name: str, body: Any) -> None:
+        self.core.patch_namespaced_pod_status(name, namespace, body, _preload_content=False,
+                                              _request_timeout=self._timeout()).release_conn()
+
+    def create_event(self, namespace: str, body: dict[str, Any]) -> None:
+        self.core.create_namespaced_event(namespace, body, _preload_content=False,
+                                          _request_timeout=self._timeout()).release_conn()
+
+    def patch_event(self, namespace: str, name: str, body: dict[str, Any]) -> None:
+        self.core.patch_namespaced_event(name, namespace, body, _preload_content=False,
+                                         _request_timeout=self._timeout()).release_conn()
+
+
+# ----- watching -------------------------------------------------------------------------------------------
+
+
+async def _one_watch(api: KubeApi, resource_version: str) -> AsyncIterator[dict[str, Any]]:
+    """One streaming watch request, its lines read in a thread and handed over through a queue."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1000)
+    holder: dict[str, Any] = {}
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> None:
+        if not stop.is_set():
+            fut = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+            with contextlib.suppress(Exception):
+                fut.result()
+
+    def reader() -> None:
+        try:
+            resp = api.open_watch(resource_version)
+            holder["resp"] = resp
+            buf = b""
+            for chunk in resp.stream(65536, decode_content=True):
+                if stop.is_set():
+                    break
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        put(json.loads(line))
+            if buf.strip() and not stop.is_set():
+                put(json.loads(buf))
+            put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the loop, which decides
+            put(e)
+        finally:
+            with contextlib.suppress(Exception):
+                holder["resp"].release_conn()
+
+    thread = threading.Thread(target=reader, name=f"pod-watch@{resource_version}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = await queue.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        resp = holder.get("resp")
+        if resp is not None:
+            with contextlib.suppress(Exception):
+                resp.shutdown() if hasattr(resp, "shutdown") else resp.close()
+        with contextlib.suppress(asyncio.QueueFull):
+            while not queue.empty():
+                queue.get_nowait()
+
+
+async def watch_pods(api: KubeApi, *, on_list: Callable[[list[PodInfo]], Awaitable[None]],
+                     on_event: Callable[[str, PodInfo], Awaitable[None]],
+                     reconnect_max_delay: float = 30.0) -> None:
+    """Forever: LIST, then WATCH from its resourceVersion; relist on 410; reconnect with jittered backoff."""
+    failures = 0
+    while True:
+        try:
+            raw, rv = await asyncio.to_thread(api.list_pods)
+            pods = []
+            for obj in raw:
+                with contextlib.suppress(PodFormatError):
+                    pods.append(pod_from_dict(obj))
+            await on_list(pods)
+            failures = 0
+            log.info("listed %d pods on node %s at resourceVersion %s", len(pods), api.node, rv)
+            while True:  # continuous: resume from the last version seen
+                async for event in _one_watch(api, rv):
+                    etype = event.get("type")
+                    obj = event.get("object") or {}
+                    if etype == "ERROR":
+                        code = obj.get("code")
+                        if code == 410:
+                            raise WatchExpired(obj.get("message", "410 Gone"))
+                        raise ApiException(status=code or 500, reason=obj.get("message", "watch error"))
+                    new_rv = (obj.get("metadata") or {}).get("resourceVersion")
+                    if etype == "BOOKMARK":
+                        rv = new_rv or rv
+                        continue
+                    if etype not in ("ADDED", "MODIFIED", "DELETED"):
+                        log.warning("skipping unknown watch event type %r", etype)
+                        continue
+                    rv = new_rv or rv
+                    try:
+                        pod = pod_from_dict(obj)
+                    except PodFormatError as e:
+                        log.warning("skipping unreadable pod in watch: %s", e)
+                        continue
+                    await on_event(etype, pod)
+                failures = 0
+                log.debug("watch ended (server timeout); resuming at %s", rv)
+        except asyncio.CancelledError:
+            raise
+        except WatchExpired as e:
+            metrics.WATCH_RECONNECTS.labels(reason="expired").inc()
+            log.info("watch expired (%s): relisting", e)
+            continue
+        except Exception as e:  # noqa: BLE001 - API down, network, 5xx: back off and relist
+            failures += 1
+            metrics.WATCH_RECONNECTS.labels(reason="error").inc()
+            delay = random.uniform(0.5, 1.0) * min(reconnect_max_delay, 0.5 * 2 ** min(failures, 10))
+            log.warning("pod watch failed (%s: %s); reconnecting in %.1fs", type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else "", delay)
+            await asyncio.sleep(delay)
+
+
+# ----- telling the cluster ----------------------------------------------------------------------------------
+
+
+class KubeReporter:
+    """Events on pods (aggregated), the readiness-gate condition, node labels/annotation, the startup taint."""
+
+    def __init__(self, api: KubeApi) -> None:
+        self.api = api
+        self._agg = EventAggregator()
+        self._node_uid = ""
+        self._labelled: set[str] = set()
+        self._node_read = False
+
+    async def pod_event(self, pod: PodInfo, *, type: str, reason: str, message: str) -> None:
+        involved = {"kind": "Pod", "apiVersion": "v1", "namespace": pod.namespace, "name": pod.name, "uid": pod.uid}
+        await self._event(pod.namespace, pod.name, pod.uid, involved, type, reason, message)
+
+    async def node_event(self, *, type: str, reason: str, message: str) -> None:
+        involved = {"kind": "Node", "apiVersion": "v1", "name": self.api.node, "uid": self._node_uid or self.api.node}
+        await self._event("default", self.api.node, self._node_uid or self.api.node, involved, type, reason, message)
+
+    async def _event(self, namespace: str, obj_name: str, obj_uid: str, involved: dict[str, Any], type: str,
+                     reason: str, message: str) -> None:
+        message = message[:1024]
+        rec, new = self._agg.record(obj_uid, type, reason, message,
+                                    name=f"{obj_name}.{uuid.uuid4().hex[:16]}"[:253])
+        now = _now()
+        try:
+            if new:
+                body = {
+                    "apiVersion": "v1", "kind": "Event",
+                    "metadata": {"name": rec.name, "namespace": namespace},
+                    "involvedObject": involved, "reason": reason, "message": message, "type": type,
+                    "count": 1, "firstTimestamp": now, "lastTimestamp": now, "eventTime": None,
+                    "source": {"component": COMPONENT, "host": self.api.node},
+                    "reportingComponent": "weightcache.io/agent", "reportingInstance": self.api.node,
+                    "action": reason,
+                }
+                await asyncio.to_thread(self.api.create_event, namespace, body)
+            else:
+                await asyncio.to_thread(self.api.patch_event, namespace, rec.name,
+                                        {"count": rec.count, "lastTimestamp": now})
+            metrics.EVENTS_POSTED.labels(reason=reason).inc()
+        except ApiException as e:
+            if not new and e.status == 404:  # the event expired (TTL): start a fresh one
+                self._agg.forget(obj_uid)
+                await self._event(namespace, obj_name, obj_uid, involved, type, reason, message)
+                return
+            log.warning("cannot post event %s on %s/%s: %s", reason, namespace, obj_name, e.reason)
+        log.log(logging.WARNING if type == WARNING else logging.INFO, "%s/%s %s: %s", namespace, obj_name, reason,
+                message, extra={"event": reason, "event_type": type, "pod": f"{namespace}/{obj_name}",
+                                "count": rec.count})
+
+    async def pod_condition(self, pod: PodInfo, *, ready: bool, reason: str, message: str) -> None:
+        body = {"status": {"conditions": [{
+            "type": "weightcache.io/weights-ready", "status": "True" if ready else "False",
+            "reason": reason, "message": message, "lastTransitionTime": _now(), "lastProbeTime": None}]}}
+        await asyncio.to_thread(self.api.patch_pod_status, pod.namespace, pod.name, body)
+
+    async def node_models(self, ready_uris: list[str]) -> None:
+        wanted = {label_key_for(u) for u in ready_uris}
+        if not self._node_read:
+            node = await asyncio.to_thread(self.api.get_node)
+            self._node_read = True
+            self._node_uid = (node.get("metadata") or {}).get("uid", "")
+            labels = (node.get("metadata") or {}).get("labels") or {}
+            self._labelled = {k for k in labels if k.startswith(LABEL_PREFIX)}
+        patch_labels: dict[str, str | None] = {k: "ready" for k in wanted}
+        patch_labels.update({k: None for k in self._labelled - wanted})
+        body = {"metadata": {"labels": patch_labels,
+                             "annotations": {NODE_ANNOTATION: ",".join(ready_uris) if ready_uris else None}}}
+        await asyncio.to_thread(self.api.patch_node, body)
+        self._labelled = wanted
+
+    async def remove_startup_taint(self) -> bool:
+        """Remove ``weightcache.io/warming`` from the node if present; True if it was removed."""
+        node = await asyncio.to_thread(self.api.get_node)
+        taints = (node.get("spec") or {}).get("taints") or []
+        keep = [t for t in taints if t.get("key") != STARTUP_TAINT_KEY]
+        if len(keep) == len(taints):
+            return False
+        await asyncio.to_thread(self.api.patch_node, {"spec": {"taints": keep or None}})
+        log.info("removed the startup taint %s from node %s", STARTUP_TAINT_KEY, self.api.node)
+        return True
+
+    async def node_labels(self) -> dict[str, str]:
+        node = await asyncio.to_thread(self.api.get_node)
+        return dict((node.get("metadata") or {}).get("labels") or {})
+
+    async def node_has_startup_taint(self) -> bool:
+        node = await asyncio.to_thread(self.api.get_node)
+        return any(t.get("key") == STARTUP_TAINT_KEY for t in (node.get("spec") or {}).get("taints") or [])
