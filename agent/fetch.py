@@ -299,16 +299,16 @@ class Fetcher:
             if len(buffer) < min(BUFFER_SIZE, length):
                 buffer = bytearray(min(BUFFER_SIZE, length))
             try:
-                async def sink(offset: int, view: memoryview) -> None:
-                    await asyncio.to_thread(_pwrite_all, fd, view, offset)
-                    self.bytes_downloaded += len(view)
+                def on_progress(n: int) -> None:
+                    self.bytes_downloaded += n
                     if self._on_bytes:
-                        self._on_bytes(len(view))
+                        self._on_bytes(n)
                     if progress:
-                        progress(len(view))
+                        progress(n)
 
                 await self.s3.read_range(bucket=model.bucket, key=f.key, etag=f.etag, start=start, length=length,
-                                         buffer=buffer, sink=sink)
+                                         buffer=buffer, write=lambda off, view: _pwrite_all(fd, view, off),
+                                         on_progress=on_progress)
             finally:
                 self._buffers.append(buffer)
         await asyncio.to_thread(_append_record, record, index)

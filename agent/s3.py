@@ -9,12 +9,21 @@ errors, with exponential backoff and full jitter, and a ranged GET resumes from 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import http.client
 import logging
 import os
 import random
+import re
+import socket
+import ssl
+import threading
+import urllib.parse
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
@@ -35,6 +44,7 @@ from botocore.exceptions import (
 from agent.config import AgentSettings
 from agent.errors import (
     AccessDeniedError,
+    DiskFullError,
     ObjectChangedError,
     ObjectNotFoundError,
     RangeNotSupportedError,
@@ -65,7 +75,7 @@ RETRYABLE_EXCEPTIONS: tuple[type[BaseException], ...] = (
     EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError,
     IncompleteReadError, ResponseStreamingError, HTTPClientError,
     aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError,
-    asyncio.TimeoutError, ConnectionError,
+    asyncio.TimeoutError, ConnectionError, TimeoutError, http.client.HTTPException,
 )
 
 
@@ -93,6 +103,8 @@ def _status(e: ClientError) -> int:
 
 def is_retryable(e: BaseException) -> bool:
     """True for errors another attempt may fix; everything else fails at once."""
+    if isinstance(e, HttpStatusError):
+        return e.retryable
     if isinstance(e, ClientError):
         return _error_code(e) in RETRYABLE_CODES or _status(e) in RETRYABLE_STATUS
     return isinstance(e, RETRYABLE_EXCEPTIONS)
@@ -109,6 +121,11 @@ def _translate(e: ClientError, *, what: str) -> S3Error:
     return S3Error(f"{what}: {code or status}: {e}")
 
 
+def _translate_status(e: HttpStatusError, *, what: str) -> S3Error:
+    return _translate(ClientError({"Error": {"Code": e.code, "Message": str(e)},
+                                   "ResponseMetadata": {"HTTPStatusCode": e.status}}, "GetObject"), what=what)
+
+
 class S3Client:
     """An S3 client with the agent's retry policy. Use as ``async with S3Client(settings) as s3``."""
 
@@ -119,6 +136,8 @@ class S3Client:
         #: Bytes of object data received from S3 (for metrics and benchmarks).
         self.bytes_received = 0
         self.retries = 0
+        self._pool = ThreadPoolExecutor(max_workers=settings.concurrency + 2, thread_name_prefix="s3-get")
+        self._plane = _DataPlane(connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
 
     async def __aenter__(self) -> S3Client:
         s = self._settings
@@ -131,6 +150,7 @@ class S3Client:
             retries={"max_attempts": 1, "mode": "standard"},  # we retry ourselves, resuming ranged reads
             max_pool_connections=s.concurrency + 8,
             s3={"addressing_style": style},
+            signature_version="s3v4",  # presigned GETs: SigV4 everywhere (SigV2 is long deprecated)
             response_checksum_validation="when_required",
             request_checksum_calculation="when_required",
         )
@@ -139,6 +159,7 @@ class S3Client:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         await self._stack.aclose()
 
     async def _retrying(self, what: str, attempt_fn: Callable[[], Awaitable[T]]) -> T:
@@ -152,6 +173,10 @@ class S3Client:
             except ClientError as e:
                 if not is_retryable(e):
                     raise _translate(e, what=what) from e
+                last = e
+            except HttpStatusError as e:
+                if not e.retryable:
+                    raise _translate_status(e, what=what) from e
                 last = e
             except RETRYABLE_EXCEPTIONS as e:
                 last = e
@@ -193,72 +218,182 @@ class S3Client:
         return ObjectInfo(key=key, size=int(resp["ContentLength"]), etag=normalize_etag(resp.get("ETag")))
 
     async def read_range(self, *, bucket: str, key: str, etag: str, start: int, length: int,
-                         buffer: bytearray, sink: Callable[[int, memoryview], Awaitable[None]]) -> None:
-        """Read ``[start, start+length)`` of an object, handing full buffers to ``sink(offset, view)``.
+                         buffer: bytearray, write: Callable[[int, memoryview], None],
+                         on_progress: Callable[[int], None] | None = None) -> None:
+        """Read ``[start, start+length)`` of an object, handing full buffers to ``write(offset, view)``.
 
-        ``If-Match`` pins the ETag so a concurrent overwrite fails (412) instead of mixing revisions; the
-        response's ETag is checked too, for servers that ignore ``If-Match``. On a transient error the read
-        resumes from the last byte given to ``sink`` — nothing is fetched twice within one part.
+        The bytes move in a worker thread (``recv_into`` the buffer, then ``write`` — typically ``os.pwrite`` —
+        in the same thread), so the event loop never copies object data. ``If-Match`` pins the ETag so an
+        overwrite fails (412) instead of mixing revisions, and the response's ETag is checked too, for servers
+        that ignore ``If-Match``. On a transient error the read resumes from the last byte handed to ``write``.
         """
+        loop = asyncio.get_running_loop()
         done = 0
         what = f"get s3://{bucket}/{key} bytes {start}-{start + length - 1}"
 
-        async def attempt() -> None:
-            nonlocal done
-            if length - done <= 0:
-                return
-            first, last = start + done, start + length - 1
-            kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes={first}-{last}"}
-            if etag:
-                kwargs["IfMatch"] = f'"{etag}"'
-            resp = await self._client.get_object(**kwargs)
-            body = resp["Body"]
-            try:
-                got_etag = normalize_etag(resp.get("ETag"))
-                if etag and got_etag and got_etag != etag:
-                    raise ObjectChangedError(f"{what}: ETag changed from {etag} to {got_etag}")
-                want = last - first + 1
-                if int(resp.get("ContentLength", want)) != want:
-                    raise RangeNotSupportedError(
-                        f"{what}: server answered {resp.get('ContentLength')} bytes "
-                        f"(Content-Range {resp.get('ContentRange')!r}) for a {want}-byte range")
-                await self._drain(body, want=want, offset=start + done, buffer=buffer, sink=sink,
-                                  on_progress=lambda n: _advance(n))
-            finally:
-                body.close()
-
-        def _advance(n: int) -> None:
+        def progressed(n: int) -> None:
             nonlocal done
             done += n
             self.bytes_received += n
+            if on_progress is not None:
+                loop.call_soon_threadsafe(on_progress, n)
+
+        async def attempt() -> None:
+            if length - done <= 0:
+                return
+            url = await self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGN_SECONDS)
+            job = _RangeJob(url=url, first=start + done, last=start + length - 1, etag=etag, buffer=buffer,
+                            write=write, progressed=progressed, what=what)
+            fut = loop.run_in_executor(self._pool, self._plane.get, job)
+            try:
+                await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                job.cancel()  # the thread stops at its next chunk; wait so no write lands after we return
+                await asyncio.wait([fut])
+                raise
 
         await self._retrying(what, attempt)
 
-    @staticmethod
-    async def _drain(body: Any, *, want: int, offset: int, buffer: bytearray,
-                     sink: Callable[[int, memoryview], Awaitable[None]], on_progress: Callable[[int], None]) -> None:
-        view = memoryview(buffer)
-        cap = len(buffer)
-        fill = 0
-        received = 0
-        content = body.__wrapped__.content  # aiohttp StreamReader: read straight from it, no wrapper per chunk
+
+#: Presigned URLs are made per attempt; one attempt is one part (≤ 64 MiB), so minutes are plenty.
+PRESIGN_SECONDS = 900
+
+
+class HttpStatusError(Exception):
+    """A non-2xx answer to a ranged GET, with the S3 error code from its XML body."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status, self.code = status, code
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in RETRYABLE_STATUS or self.code in RETRYABLE_CODES
+
+
+class WriteError(Exception):
+    """Writing downloaded bytes to disk failed (never retried: the disk will not heal by itself)."""
+
+
+@dataclass
+class _RangeJob:
+    url: str
+    first: int
+    last: int
+    etag: str
+    buffer: bytearray
+    write: Callable[[int, memoryview], None]
+    progressed: Callable[[int], None]
+    what: str
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    conn: http.client.HTTPConnection | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        conn = self.conn
+        if conn is not None and conn.sock is not None:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
+
+class _DataPlane:
+    """Blocking ranged GETs, one keep-alive connection per worker thread."""
+
+    def __init__(self, *, connect_timeout: float, read_timeout: float) -> None:
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._local = threading.local()
+        cafile = os.environ.get("AWS_CA_BUNDLE") or None
+        self._ssl = ssl.create_default_context(cafile=cafile if cafile and os.path.exists(cafile) else None)
+
+    def _connection(self, scheme: str, host: str, port: int | None) -> http.client.HTTPConnection:
+        key = (scheme, host, port)
+        conns: dict[tuple[str, str, int | None], http.client.HTTPConnection] = getattr(self._local, "conns", {})
+        self._local.conns = conns
+        conn = conns.get(key)
+        if conn is None:
+            if scheme == "https":
+                conn = http.client.HTTPSConnection(host, port, timeout=self._connect_timeout, context=self._ssl)
+            else:
+                conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
+            conns[key] = conn
+        return conn
+
+    def _drop(self, scheme: str, host: str, port: int | None) -> None:
+        conn = getattr(self._local, "conns", {}).pop((scheme, host, port), None)
+        if conn is not None:
+            conn.close()
+
+    def get(self, job: _RangeJob) -> None:
+        u = urllib.parse.urlsplit(job.url)
+        scheme, host, port = u.scheme, u.hostname or "", u.port
+        conn = self._connection(scheme, host, port)
+        job.conn = conn
+        ok = False
+        try:
+            self._get(conn, job, f"{u.path}?{u.query}" if u.query else u.path)
+            ok = True
+        finally:
+            job.conn = None
+            if not ok:
+                self._drop(scheme, host, port)  # a connection with unread bytes cannot be reused
+
+    def _get(self, conn: http.client.HTTPConnection, job: _RangeJob, target: str) -> None:
+        if job.cancelled.is_set():
+            raise asyncio.CancelledError()
+        headers = {"Range": f"bytes={job.first}-{job.last}"}
+        if job.etag:
+            headers["If-Match"] = f'"{job.etag}"'
+        conn.request("GET", target, headers=headers)
+        if conn.sock is not None:
+            conn.sock.settimeout(self._read_timeout)
+        resp = conn.getresponse()
+        if resp.status not in (200, 206):
+            body = resp.read(65536).decode("utf-8", "replace")
+            raise HttpStatusError(resp.status, _xml_field(body, "Code") or str(resp.status),
+                                  _xml_field(body, "Message") or resp.reason)
+        want = job.last - job.first + 1
+        got_etag = normalize_etag(resp.getheader("ETag"))
+        if job.etag and got_etag and got_etag != job.etag:
+            raise ObjectChangedError(f"{job.what}: ETag changed from {job.etag} to {got_etag}")
+        length = resp.getheader("Content-Length")
+        if length is not None and int(length) != want:
+            raise RangeNotSupportedError(
+                f"{job.what}: server answered {length} bytes (Content-Range {resp.getheader('Content-Range')!r}) "
+                f"for a {want}-byte range")
+        view = memoryview(job.buffer)
+        cap = len(job.buffer)
+        offset, fill, received = job.first, 0, 0
         try:
             while received < want:
-                chunk = await content.read(min(cap - fill, want - received))
-                if not chunk:
+                if job.cancelled.is_set():
+                    raise asyncio.CancelledError()
+                n = resp.readinto(view[fill:min(cap, fill + want - received)])
+                if not n:
                     raise TruncatedBodyError(f"body ended after {received} of {want} bytes")
-                n = len(chunk)
-                view[fill:fill + n] = chunk
                 fill += n
                 received += n
                 if fill == cap or received == want:
-                    await sink(offset, view[:fill])
+                    self._write(job, offset, view[:fill])
                     offset += fill
-                    on_progress(fill)
                     fill = 0
-        except Exception:
-            if fill:  # hand over what arrived intact, so a retry resumes after it
-                await sink(offset, view[:fill])
-                on_progress(fill)
+        except (http.client.HTTPException, OSError, TruncatedBodyError):
+            if fill:  # keep what arrived intact, so the retry resumes after it
+                self._write(job, offset, view[:fill])
             raise
 
+    @staticmethod
+    def _write(job: _RangeJob, offset: int, view: memoryview) -> None:
+        try:
+            job.write(offset, view)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"{job.what}: no space left on the cache filesystem") from e
+            raise WriteError(f"{job.what}: writing to the cache failed: {e}") from e
+        job.progressed(len(view))
+
+
+def _xml_field(body: str, name: str) -> str:
+    m = re.search(rf"<{name}>(.*?)</{name}>", body, re.S)
+    return m.group(1).strip() if m else ""
