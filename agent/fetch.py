@@ -215,7 +215,14 @@ class Fetcher:
                 todo.append(f)
         if hasattr(progress, "add_total"):
             progress.add_total(listing.total_bytes)
-        before = self.bytes_downloaded
+        downloaded = 0
+
+        def counted(n: int) -> None:
+            nonlocal downloaded
+            downloaded += n
+            if progress:
+                progress(n)
+
         # Every failure from here on (no room, a download, publishing) removes the staging tree: nothing of a
         # failed fetch stays under snapshots/ (partial downloads stay in tmp/, for resume).
         try:
@@ -224,7 +231,7 @@ class Fetcher:
                                     pinned=self._pinned() | {model.model_id}, for_uri=model.uri)
             log.info("%s: fetching %d files (%d bytes; %d files already cached) revision %s", model, len(todo),
                      sum(f.size for f in todo), len(done), revision)
-            results = await _gather_all(self._fetch_file(model, revision, f, staging, progress) for f in todo)
+            results = await _gather_all(self._fetch_file(model, revision, f, staging, counted) for f in todo)
             done.extend(results)
             done.sort(key=lambda f: f.path)
             await asyncio.to_thread(cache.publish, uri=model, revision=revision, files=done,
@@ -235,7 +242,7 @@ class Fetcher:
                 staging.parent.rmdir()  # only if empty: no other revision of this model lives there
             raise
         cache.journal_clear(model.model_id, revision)
-        return self.bytes_downloaded - before
+        return downloaded
 
     def _resumable_bytes(self, model: ModelUri, files: list[PlannedFile]) -> int:
         total = 0
@@ -261,8 +268,8 @@ class Fetcher:
         parts = plan_parts(f.size, part)
         header = f"weightcache-parts v1 size={f.size} part={part}\n"
         finished = await asyncio.to_thread(_open_record, tmp, record, header, f.size)
-        if progress and finished:
-            progress(sum(parts[i][1] for i in finished if i < len(parts)))
+        if finished:
+            log.info("%s: resuming: %d of %d parts already on disk", f.key, len(finished), len(parts))
         fd = os.open(tmp, os.O_RDWR)
         try:
             hasher = _FrontierHasher(fd, parts, finished)
