@@ -22,7 +22,7 @@ log = logging.getLogger("agent")
 
 _S3_FLAGS = {"cache_dir", "concurrency", "min_part_size", "connect_timeout", "read_timeout", "max_attempts",
              "retry_base_delay", "retry_max_delay", "s3_addressing_style", "max_bytes", "min_free_bytes",
-             "log_format", "log_level", "orphan_max_age_seconds", "old_revision_grace_seconds"}
+             "log_format", "log_level", "orphan_max_age_seconds", "old_revision_grace_seconds", "fsync"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +116,7 @@ async def _prefetch(settings: AgentSettings, uris: list[str]) -> int:
             bad += 1
     if bad:
         return 2
-    cache = Cache(settings.cache_dir)
+    cache = Cache(settings.cache_dir, fsync=settings.fsync)
     cache.recover(orphan_max_age_seconds=settings.orphan_max_age_seconds)
     progress = Progress()
     failures = 0
@@ -144,7 +144,7 @@ async def _verify(settings: AgentSettings, uris: set[str], *, repair: bool) -> i
     from agent.s3 import S3Client
     from agent.verify import verify
 
-    cache = Cache(settings.cache_dir)
+    cache = Cache(settings.cache_dir, fsync=settings.fsync)
     cache.recover(orphan_max_age_seconds=settings.orphan_max_age_seconds)
     if repair:
         async with S3Client(settings) as s3:
@@ -162,7 +162,7 @@ async def _verify(settings: AgentSettings, uris: set[str], *, repair: bool) -> i
 def _gc(settings: AgentSettings) -> int:
     from agent.eviction import make_room
 
-    cache = Cache(settings.cache_dir)
+    cache = Cache(settings.cache_dir, fsync=settings.fsync)
     cache.recover(orphan_max_age_seconds=settings.orphan_max_age_seconds)
     before = cache.used_bytes()
     make_room(cache, need_bytes=0, settings=settings, pinned=set(), for_uri="gc")
@@ -173,7 +173,7 @@ def _gc(settings: AgentSettings) -> int:
 
 
 def _ls(settings: AgentSettings, *, as_json: bool) -> int:
-    cache = Cache(settings.cache_dir)
+    cache = Cache(settings.cache_dir, fsync=settings.fsync)
     if not cache.root.exists():
         print(f"weightcache-agent: no cache at {cache.root}", file=sys.stderr)
         return 1

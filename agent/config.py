@@ -83,6 +83,9 @@ class AgentSettings:
     min_part_size: int = _setting(8 * 1024**2, "WEIGHTCACHE_PART_SIZE",
                                   "smallest ranged-GET part; larger files get larger parts (≤ 64 MiB)",
                                   "--part-size")
+    fsync: bool = _setting(True, "WEIGHTCACHE_FSYNC",
+                           "fsync files before publishing (a model survives power loss complete, or not at all)",
+                           "--fsync")
     connect_timeout: float = _setting(5.0, "WEIGHTCACHE_CONNECT_TIMEOUT",
                                       "seconds to open a connection to S3", "--connect-timeout")
     read_timeout: float = _setting(30.0, "WEIGHTCACHE_READ_TIMEOUT",

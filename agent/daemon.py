@@ -73,7 +73,7 @@ def _parse_labels(text: str) -> dict[str, str]:
 async def run_daemon(settings: AgentSettings) -> int:
     if settings.pods_file is None and not settings.node_name:
         raise ConfigError("NODE_NAME (--node-name) is required to watch pods; or use --pods-file")
-    cache = Cache(settings.cache_dir)
+    cache = Cache(settings.cache_dir, fsync=settings.fsync)
     await asyncio.to_thread(cache.recover, orphan_max_age_seconds=settings.orphan_max_age_seconds)
     policies = PolicyHolder(settings.policy_file)
     if policies.policy.open:

@@ -441,7 +441,7 @@ async def prefetch_models(uris: list[str], *, cache_dir: Path, settings: AgentSe
     from agent.config import load_settings
 
     settings = settings or load_settings(cache_dir=Path(cache_dir))
-    cache = Cache(settings.cache_dir)
+    cache = Cache(settings.cache_dir, fsync=settings.fsync)
     cache.recover(orphan_max_age_seconds=settings.orphan_max_age_seconds)
     async with S3Client(settings) as s3:
         fetcher = Fetcher(settings, cache, s3)
