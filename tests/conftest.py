@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.s3servers"]
+pytest_plugins = ["tests.fixtures.s3servers", "tests.fixtures.faultproxy"]
 
 # Never let a test reach a real AWS metadata endpoint or pick up a developer's profile.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
