@@ -11,8 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import UTC, datetime
 
 from agent.cache import Cache
 from agent.config import AgentSettings, add_arguments, format_size, load_settings
@@ -198,7 +197,7 @@ def _ls(settings: AgentSettings, *, as_json: bool) -> int:
 
 def _age(iso: str) -> str:
     try:
-        delta = datetime.now(timezone.utc) - datetime.fromisoformat(iso)
+        delta = datetime.now(UTC) - datetime.fromisoformat(iso)
     except ValueError:
         return iso
     s = int(delta.total_seconds())

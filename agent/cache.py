@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ HASH_CHUNK = 8 * 1024 * 1024
 
 def now_iso() -> str:
     # Milliseconds: LRU order compares these strings, and models fetched or used within one second must not tie.
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def hash_file(path: Path | str) -> str:
@@ -674,6 +674,14 @@ def iter_files(root: Path) -> Iterator[Path]:
 
 
 __all__ = [
-    "Cache", "Lookup", "Manifest", "ManifestFile", "PlannedFile", "compute_revision", "hash_file", "now_iso",
-    "source_id", "iter_files",
+    "Cache",
+    "Lookup",
+    "Manifest",
+    "ManifestFile",
+    "PlannedFile",
+    "compute_revision",
+    "hash_file",
+    "iter_files",
+    "now_iso",
+    "source_id",
 ]

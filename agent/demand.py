@@ -296,7 +296,7 @@ class Reconciler:
         metrics.FETCH_IN_PROGRESS.inc()
         try:
             result = await self.fetcher.ensure(uri)
-        except Exception as e:  # noqa: BLE001 - reported to pods and metrics, then retried or given up
+        except Exception as e:
             reason = e.reason if isinstance(e, WeightcacheError) else "InternalError"
             if not isinstance(e, WeightcacheError):
                 log.exception("fetch of %s crashed", uri)

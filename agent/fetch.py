@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import logging
 import os
 import shutil
@@ -19,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
@@ -26,6 +30,7 @@ from agent.cache import Cache, Lookup, Manifest, ManifestFile, PlannedFile, comp
 from agent.config import AgentSettings
 from agent.errors import (
     BudgetExceededError,
+    DiskFullError,
     InvalidUriError,
     ObjectChangedError,
     ObjectNotFoundError,
@@ -267,6 +272,9 @@ class Fetcher:
         part = part_size_for(f.size, min_part=self.settings.min_part_size, concurrency=self.settings.concurrency)
         parts = plan_parts(f.size, part)
         header = f"weightcache-parts v1 size={f.size} part={part}\n"
+        if len(parts) <= 1:  # one GET: hash as the bytes stream in, no part record, no read-back
+            digest = await self._fetch_whole(model, f, tmp, progress)
+            return await self._adopt(model, revision, f, tmp, digest, staging)
         finished = await asyncio.to_thread(_open_record, tmp, record, header, f.size)
         if finished:
             log.info("%s: resuming: %d of %d parts already on disk", f.key, len(finished), len(parts))
@@ -288,34 +296,73 @@ class Fetcher:
                         await hash_task
         finally:
             os.close(fd)
+        entry = await self._adopt(model, revision, f, tmp, digest, staging)
+        with contextlib.suppress(FileNotFoundError):
+            record.unlink()
+        return entry
+
+    async def _adopt(self, model: ModelUri, revision: str, f: PlannedFile, tmp: Path, digest: str,
+                     staging: Path) -> ManifestFile:
         size = os.stat(tmp).st_size
         if size != f.size:
             raise S3Error(f"{f.key}: downloaded {size} bytes, expected {f.size}")
         entry = ManifestFile(path=f.relpath, size=f.size, xxh3_128=digest, key=f.key, etag=f.etag)
         await asyncio.to_thread(self.cache.adopt_file, tmp, digest=digest, size=f.size, staging=staging,
                                 relpath=f.relpath)
-        with contextlib.suppress(FileNotFoundError):
-            record.unlink()
         self.cache.journal_append(model.model_id, revision, entry)
         return entry
+
+    def _progress_fn(self, progress: ProgressFn | None) -> Callable[[int], None]:
+        def on_progress(n: int) -> None:
+            self.bytes_downloaded += n
+            if self._on_bytes:
+                self._on_bytes(n)
+            if progress:
+                progress(n)
+
+        return on_progress
+
+    def _take_buffer(self, length: int) -> bytearray:
+        want = min(BUFFER_SIZE, max(length, 1))
+        buffer = self._buffers.pop() if self._buffers else bytearray(want)
+        return buffer if len(buffer) >= want else bytearray(want)
+
+    def _writer(self, fd: int, hasher: xxhash.xxh3_128 | None = None) -> Callable[[int, memoryview], None]:
+        """Runs in the GET's worker thread: pwrite, hash in stream order if asked, start write-back early."""
+        writeback = self.cache.fsync
+
+        def write(offset: int, view: memoryview) -> None:
+            _pwrite_all(fd, view, offset)
+            if hasher is not None:
+                hasher.update(view)
+            if writeback:
+                _start_writeback(fd, offset, len(view))
+
+        return write
+
+    async def _fetch_whole(self, model: ModelUri, f: PlannedFile, tmp: Path, progress: ProgressFn | None) -> str:
+        h = xxhash.xxh3_128()
+        async with self._slots:
+            fd = await asyncio.to_thread(_create_preallocated, tmp, f.size)
+            buffer = self._take_buffer(f.size)
+            try:
+                if f.size:
+                    await self.s3.read_range(bucket=model.bucket, key=f.key, etag=f.etag, start=0, length=f.size,
+                                             buffer=buffer, write=self._writer(fd, h),
+                                             on_progress=self._progress_fn(progress))
+            finally:
+                os.close(fd)
+                self._buffers.append(buffer)
+        return h.hexdigest()
 
     async def _fetch_part(self, model: ModelUri, f: PlannedFile, fd: int, record: Path, index: int, start: int,
                           length: int, hasher: _FrontierHasher, progress: ProgressFn | None) -> None:
         async with self._slots:
-            buffer = self._buffers.pop() if self._buffers else bytearray(min(BUFFER_SIZE, max(length, 1)))
-            if len(buffer) < min(BUFFER_SIZE, length):
-                buffer = bytearray(min(BUFFER_SIZE, length))
+            buffer = self._take_buffer(length)
             try:
-                def on_progress(n: int) -> None:
-                    self.bytes_downloaded += n
-                    if self._on_bytes:
-                        self._on_bytes(n)
-                    if progress:
-                        progress(n)
-
                 await self.s3.read_range(bucket=model.bucket, key=f.key, etag=f.etag, start=start, length=length,
-                                         buffer=buffer, write=lambda off, view: _pwrite_all(fd, view, off),
-                                         on_progress=on_progress)
+                                         buffer=buffer, write=self._writer(fd),
+                                         on_progress=self._progress_fn(progress))
             finally:
                 self._buffers.append(buffer)
         await asyncio.to_thread(_append_record, record, index)
@@ -384,25 +431,49 @@ def _open_record(tmp: Path, record: Path, header: str, size: int) -> set[int]:
             return finished
     except FileNotFoundError:
         pass
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        if size:
-            try:
-                os.posix_fallocate(fd, 0, size)  # claim the space now: ENOSPC before, not after, the download
-            except OSError as e:
-                import errno as _errno
-                if e.errno in (_errno.ENOSPC, _errno.EDQUOT):
-                    os.close(fd)
-                    fd = -1
-                    tmp.unlink(missing_ok=True)
-                    from agent.errors import DiskFullError
-                    raise DiskFullError(f"no space for a {size}-byte file in {tmp.parent}") from e
-                os.ftruncate(fd, size)  # filesystems without fallocate
-    finally:
-        if fd >= 0:
-            os.close(fd)
+    os.close(_create_preallocated(tmp, size))
     record.write_text(header, "ascii")
     return finished
+
+
+def _create_preallocated(path: Path, size: int) -> int:
+    """Create (truncate) ``path`` with ``size`` bytes reserved; return an O_RDWR fd."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _preallocate(fd, size, path)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    return fd
+
+
+def _preallocate(fd: int, size: int, path: Path) -> None:
+    if not size:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)  # claim the space now: ENOSPC before, not after, the download
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"no space for a {size}-byte file in {path.parent}") from e
+        os.ftruncate(fd, size)  # filesystems without fallocate
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_libc: Any = None
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing these pages now (non-blocking), so the final fsync has little left."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _append_record(record: Path, index: int) -> None:
@@ -449,5 +520,13 @@ async def prefetch_models(uris: list[str], *, cache_dir: Path, settings: AgentSe
     return [r.path for r in results]
 
 
-__all__ = ["FetchResult", "Fetcher", "Listing", "prefetch_models", "part_size_for", "plan_parts",
-           "BudgetExceededError", "Manifest"]
+__all__ = [
+    "BudgetExceededError",
+    "FetchResult",
+    "Fetcher",
+    "Listing",
+    "Manifest",
+    "part_size_for",
+    "plan_parts",
+    "prefetch_models",
+]

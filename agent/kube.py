@@ -17,7 +17,7 @@ import random
 import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config
@@ -44,11 +44,11 @@ class WatchExpired(Exception):
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _now_micro() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class KubeApi:
@@ -69,6 +69,15 @@ class KubeApi:
     def _json(self, resp: Any) -> Any:
         try:
             return json.loads(resp.data)
+        finally:
+            resp.release_conn()
+
+    @staticmethod
+    def _discard(resp: Any) -> None:
+        # Read the body before handing the connection back: a connection returned with its response unread is
+        # reused by the next request, which then fails with ResponseNotReady('Request-sent').
+        try:
+            resp.drain_conn()
         finally:
             resp.release_conn()
 
@@ -102,19 +111,20 @@ class KubeApi:
                                                    _request_timeout=self._timeout())))
 
     def patch_node(self, body: Any) -> None:
-        self.core.patch_node(self.node, body, _preload_content=False, _request_timeout=self._timeout()).release_conn()
+        self._discard(self.core.patch_node(self.node, body, _preload_content=False,
+                                           _request_timeout=self._timeout()))
 
     def patch_pod_status(self, namespace: str, name: str, body: Any) -> None:
-        self.core.patch_namespaced_pod_status(name, namespace, body, _preload_content=False,
-                                              _request_timeout=self._timeout()).release_conn()
+        self._discard(self.core.patch_namespaced_pod_status(name, namespace, body, _preload_content=False,
+                                                            _request_timeout=self._timeout()))
 
     def create_event(self, namespace: str, body: dict[str, Any]) -> None:
-        self.core.create_namespaced_event(namespace, body, _preload_content=False,
-                                          _request_timeout=self._timeout()).release_conn()
+        self._discard(self.core.create_namespaced_event(namespace, body, _preload_content=False,
+                                                        _request_timeout=self._timeout()))
 
     def patch_event(self, namespace: str, name: str, body: dict[str, Any]) -> None:
-        self.core.patch_namespaced_event(name, namespace, body, _preload_content=False,
-                                         _request_timeout=self._timeout()).release_conn()
+        self._discard(self.core.patch_namespaced_event(name, namespace, body, _preload_content=False,
+                                                       _request_timeout=self._timeout()))
 
 
 # ----- watching -------------------------------------------------------------------------------------------
@@ -281,6 +291,10 @@ class KubeReporter:
                 await self._event(namespace, obj_name, obj_uid, involved, type, reason, message)
                 return
             log.warning("cannot post event %s on %s/%s: %s", reason, namespace, obj_name, e.reason)
+        except Exception as e:  # noqa: BLE001 - API unreachable (urllib3/OS errors): an Event must never
+            # abort the fetch or the reconcile step that reports it; a repeat re-creates it (404 path above).
+            log.warning("cannot post event %s on %s/%s: %s: %s", reason, namespace, obj_name, type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else "")
         log.log(logging.WARNING if type == WARNING else logging.INFO, "%s/%s %s: %s", namespace, obj_name, reason,
                 message, extra={"event": reason, "event_type": type, "pod": f"{namespace}/{obj_name}",
                                 "count": rec.count})

@@ -147,7 +147,7 @@ class S3Client:
         config = AioConfig(
             connect_timeout=s.connect_timeout,
             read_timeout=s.read_timeout,
-            retries={"max_attempts": 1, "mode": "standard"},  # we retry ourselves, resuming ranged reads
+            retries={"total_max_attempts": 1, "mode": "standard"},  # one try: we retry ourselves, resuming reads
             max_pool_connections=s.concurrency + 8,
             s3={"addressing_style": style},
             signature_version="s3v4",  # presigned GETs: SigV4 everywhere (SigV2 is long deprecated)
@@ -395,5 +395,5 @@ class _DataPlane:
 
 
 def _xml_field(body: str, name: str) -> str:
-    m = re.search(rf"<{name}>(.*?)</{name}>", body, re.S)
+    m = re.search(rf"<{name}>(.*?)</{name}>", body, re.DOTALL)
     return m.group(1).strip() if m else ""

@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     base = args.dest or Path(tempfile.mkdtemp(prefix="weightcache-bench-fetch-", dir="/var/tmp"))
     base.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, list[float]]] = {}
-    with EmbeddedS3() as s3:
-        assert s3.data_dir is not None
-        total = make_model(s3.data_dir, size)
+    s3 = EmbeddedS3()
+    total = make_model(s3.bucket_dir(BUCKET).parent, size)  # before start: rclone caches listings
+    with s3:
         env = {**os.environ, **s3.env()}
         print(f"model: {total / 2**30:.2f} GiB in s3://{BUCKET}/{PREFIX}; downloads into {base}")
         dropped = True

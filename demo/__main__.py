@@ -126,17 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     s3 = EmbeddedS3()
     t_start = time.monotonic()
     try:
-        say(f"starting an embedded S3 server (rclone serve s3) on loopback; work dir {work}")
-        s3.start()
-        env = {**os.environ, **s3.env(), "PYTHONUNBUFFERED": "1"}
         model_dir = s3.bucket_dir("models") / "demo-llm"
-        say(f"writing a {args.size} sharded demo model into s3://models/demo-llm/")
+        say(f"writing a {args.size} sharded demo model into the embedded S3 bucket (s3://models/demo-llm/)")
         t = time.monotonic()
         subprocess.run([sys.executable, "-m", "server.demo_model", "--size", args.size, str(model_dir)],
-                       check=True, env=env, stdout=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL)
         files = sorted(p for p in model_dir.rglob("*") if p.is_file())
         total = sum(p.stat().st_size for p in files)
         print(f"    {len(files)} objects, {total / 2**20:.0f} MiB, in {time.monotonic() - t:.1f}s")
+        say(f"starting the embedded S3 server (rclone serve s3) on loopback; work dir {work}")
+        s3.start()
+        env = {**os.environ, **s3.env(), "PYTHONUNBUFFERED": "1"}
 
         cache = work / "cache"
         pods = work / "pods.yaml"

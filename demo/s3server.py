@@ -59,17 +59,23 @@ class EmbeddedS3:
                 "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
                 "AWS_EC2_METADATA_DISABLED": "true"}
 
-    def start(self) -> EmbeddedS3:
+    def _ensure_dir(self) -> Path:
         if self.data_dir is None:
             base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
             self.data_dir = Path(tempfile.mkdtemp(prefix="weightcache-s3-", dir=base))
             self._own_dir = True
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        return self.data_dir
+
+    def start(self) -> EmbeddedS3:
+        """Start serving. Write objects into :meth:`bucket_dir` *before* this: rclone caches listings for
+        minutes, and a shorter cache makes it re-hash whole files (for the ETag) on every ranged GET."""
+        self._ensure_dir()
         self.port = self.port or free_port()
         self.proc = subprocess.Popen(
             [rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{self.port}",
              "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--etag-hash", "MD5",
-             "--vfs-cache-mode", "off", "--dir-cache-time", "1s", "--config", "/dev/null", str(self.data_dir)],
+             "--vfs-cache-mode", "off", "--config", "/dev/null", str(self.data_dir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -100,8 +106,7 @@ class EmbeddedS3:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def bucket_dir(self, bucket: str) -> Path:
-        assert self.data_dir is not None
-        d = self.data_dir / bucket
+        d = self._ensure_dir() / bucket
         d.mkdir(parents=True, exist_ok=True)
         return d
 

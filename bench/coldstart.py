@@ -1,0 +1,286 @@
+"""Cold-start benchmark: process start → ``/readyz`` 200, against the floor and against peer loaders.
+
+Not a test. Builds a demo model of ``--size`` in a node-cache layout (snapshots/, a relative symlink under
+models/s3/, a manifest with sizes and xxh3-128 digests) in a temporary directory, then, for each of ``--runs``
+rounds and each method, drops the page cache (``sync; echo 3 > /proc/sys/vm/drop_caches``: needs root) and
+measures a fresh process:
+
+- ``floor``: ``python -c "import torch"`` then ``cat`` of the weight files to /dev/null — the least any
+  torch process that reads every byte can cost.
+- ``weightcache-server``: ``python -m server`` until ``/readyz`` answers 200, with the server's own split into
+  import / wait / load / warm-up (from the ``/readyz`` body).
+- ``weightcache load_model``: the server's loader alone, in a bare process.
+- ``safetensors load_file`` and ``torch.load(mmap=True)`` (both lazy on CPU, so followed by touching every page), and
+  ``runai-model-streamer`` (``SafetensorsStreamer``) on the same weights.
+
+Writes ``bench/results/coldstart.md`` (table, medians, ratios vs the floor) and ``bench/results/coldstart.json``.
+Usage: ``python bench/coldstart.py --size 2GiB --runs 3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from server.config import parse_size
+from server.demo_model import shape_for_size, write_demo_model
+
+PY = sys.executable
+URI = "s3://bench/demo/"
+MODEL_ID, REVISION = "benchdemo", "rev1"
+
+# Each peer runs in a fresh interpreter and prints {"load_s": seconds spent loading, after imports}.
+PEERS: dict[str, str] = {
+    "weightcache load_model": """
+import json, sys, time
+from pathlib import Path
+import torch
+from server.loading import load_model
+t = time.perf_counter()
+m = load_model(Path(sys.argv[1]), root=Path(sys.argv[2]), device=torch.device("cpu"))
+print(json.dumps({"load_s": time.perf_counter() - t, "tensors": len(m.state_dict)}))
+""",
+    "safetensors load_file + touch": """
+import json, sys, time
+import torch
+from safetensors.torch import load_file
+t = time.perf_counter()
+state = {}
+for f in sys.argv[3:]:
+    state.update(load_file(f))
+lazy = time.perf_counter() - t
+# safetensors >= 0.5 maps the file and reads lazily on CPU: touch one byte per page, as for torch.load.
+for v in state.values():
+    v.view(-1).view(torch.uint8)[::4096].sum()
+print(json.dumps({"load_s": time.perf_counter() - t, "lazy_s": lazy, "tensors": len(state)}))
+""",
+    "torch.load(mmap=True) + touch": """
+import json, sys, time
+import torch
+t = time.perf_counter()
+state = torch.load(sys.argv[-1], mmap=True, weights_only=True)
+lazy = time.perf_counter() - t
+# mmap is lazy: touch one byte per page so the comparison counts the disk reads the others pay for.
+for v in state.values():
+    v.view(-1).view(torch.uint8)[::4096].sum()
+print(json.dumps({"load_s": time.perf_counter() - t, "lazy_s": lazy, "tensors": len(state)}))
+""",
+    "runai-model-streamer": """
+import json, sys, time
+import torch
+from runai_model_streamer import SafetensorsStreamer
+t = time.perf_counter()
+state = {}
+with SafetensorsStreamer() as s:
+    s.stream_files(sys.argv[3:], device="cpu")
+    for name, tensor in s.get_tensors():
+        state[name] = tensor
+print(json.dumps({"load_s": time.perf_counter() - t, "tensors": len(state)}))
+""",
+}
+
+
+def drop_caches() -> bool:
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build(root: Path, size: int) -> tuple[list[Path], Path]:
+    """The demo model in a node-cache layout, plus the same weights as a torch.save file."""
+    import xxhash
+
+    snapshot = root / "snapshots" / MODEL_ID / REVISION
+    shape = shape_for_size(size)
+    started = time.perf_counter()
+    weights = write_demo_model(snapshot, shape)
+    files = []
+    for path in sorted(snapshot.iterdir()):
+        hasher = xxhash.xxh3_128()
+        with open(path, "rb") as f:
+            while chunk := f.read(16 * 2**20):
+                hasher.update(chunk)
+        files.append({"path": path.name, "size": path.stat().st_size, "xxh3_128": hasher.hexdigest(),
+                      "key": f"demo/{path.name}", "etag": "bench"})
+    link = root / "models" / "s3" / "bench" / "demo"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(os.path.relpath(snapshot, link.parent))
+    (root / "manifests").mkdir()
+    manifest = {"version": 1, "uri": URI, "kind": "prefix", "model_id": MODEL_ID, "revision": REVISION,
+                "snapshot": f"snapshots/{MODEL_ID}/{REVISION}", "path": "models/s3/bench/demo", "files": files,
+                "total_bytes": sum(f["size"] for f in files), "fetched_at": "2024-01-01T00:00:00Z",
+                "last_used": "2024-01-01T00:00:00Z"}
+    (root / "manifests" / f"{MODEL_ID}.json").write_text(json.dumps(manifest))
+    # The same tensors for torch.load; built in a subprocess so this process never holds them.
+    pt = root / "model.pt"
+    subprocess.run([PY, "-c", (
+        "import sys, torch\nfrom safetensors.torch import load_file\nstate = {}\n"
+        "for f in sys.argv[2:]: state.update(load_file(f))\ntorch.save(state, sys.argv[1])"
+    ), str(pt), *map(str, weights)], check=True)
+    print(f"built {sum(f['size'] for f in files) / 2**30:.2f} GiB model in {time.perf_counter() - started:.1f} s "
+          f"(hidden {shape.hidden_size}, {shape.num_layers} layers, {len(weights)} shards)", file=sys.stderr)
+    return weights, pt
+
+
+def run_floor(weights: list[Path]) -> dict[str, float]:
+    t0 = time.perf_counter()
+    subprocess.run([PY, "-c", "import torch"], check=True)
+    t1 = time.perf_counter()
+    subprocess.run(["cat", *map(str, weights)], stdout=subprocess.DEVNULL, check=True)
+    t2 = time.perf_counter()
+    return {"wall_s": t2 - t0, "import_s": t1 - t0, "load_s": t2 - t1}
+
+
+def run_server(root: Path, timeout: float) -> dict[str, float]:
+    port = free_port()
+    env = {**os.environ, "WEIGHTCACHE_MODEL": URI, "WEIGHTCACHE_ROOT": str(root), "WEIGHTCACHE_PORT": str(port),
+           "WEIGHTCACHE_HOST": "127.0.0.1", "WEIGHTCACHE_DEVICE": "cpu", "WEIGHTCACHE_LOG_LEVEL": "WARNING",
+           "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([PY, "-m", "server"], env=env, cwd=REPO)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+            if time.perf_counter() - t0 > timeout:
+                raise RuntimeError("server not ready in time")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+                    body = json.loads(response.read())
+                    wall = time.perf_counter() - t0
+                    break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.01)
+        phases = body["cold_start_seconds"]
+        return {"wall_s": wall, **{f"{k}_s": v for k, v in phases.items() if k != "total"}}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def run_peer(name: str, root: Path, weights: list[Path], pt: Path) -> dict[str, float]:
+    args = [PY, "-c", PEERS[name], str(root / "models/s3/bench/demo"), str(root)]
+    args += [str(pt)] if name.startswith("torch.load") else list(map(str, weights))
+    t0 = time.perf_counter()
+    out = subprocess.run(args, check=True, capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    wall = time.perf_counter() - t0
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"wall_s": wall, **{k: v for k, v in result.items() if k.endswith("_s")}}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="2GiB")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None, help="where to build the model (default: a tmp dir)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--skip", action="append", default=[], help="skip a method (repeatable)")
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args()
+    size = parse_size(args.size)
+
+    workdir = Path(tempfile.mkdtemp(prefix="wc-coldstart-", dir=args.workdir))
+    try:
+        weights, pt = build(workdir, size)
+        methods = ["floor", "weightcache-server", *PEERS]
+        methods = [m for m in methods if m not in args.skip]
+        samples: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+        dropped = True
+        for run in range(args.runs):
+            for method in methods:
+                dropped &= drop_caches()
+                if method == "floor":
+                    sample = run_floor(weights)
+                elif method == "weightcache-server":
+                    sample = run_server(workdir, args.timeout)
+                else:
+                    sample = run_peer(method, workdir, weights, pt)
+                samples[method].append(sample)
+                print(f"run {run + 1}/{args.runs} {method}: " + ", ".join(f"{k} {v:.2f}" for k, v in sample.items()),
+                      file=sys.stderr)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    summary = {m: {k: median([s[k] for s in ss if k in s]) for k in ss[0]} for m, ss in samples.items() if ss}
+    write_results(args.out, args.size, size, args.runs, dropped, summary, samples)
+    return 0
+
+
+def write_results(out: Path, size_text: str, size: int, runs: int, dropped: bool, summary: dict[str, dict[str, float]],
+                  samples: dict[str, list[dict[str, float]]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    floor = summary.get("floor", {})
+    floor_wall, floor_load = floor.get("wall_s", float("nan")), floor.get("load_s", float("nan"))
+    peers = [m for m in summary if m not in ("floor", "weightcache-server", "weightcache load_model")]
+    fastest_peer = min((summary[m]["load_s"] for m in peers), default=float("nan"))
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    lines = [
+        "# Cold start: process start → ready",
+        "",
+        (f"Model: demo MLP, {size / 2**30:.2f} GiB float16 safetensors in 512 MiB shards, node-cache layout. "
+        f"Median of {runs} run(s); page cache {'dropped' if dropped else 'NOT dropped (not root?)'} before each "
+        f"measurement. Machine: {machine}. Command: `python bench/coldstart.py --size {size_text} --runs {runs}`."),
+        "",
+        "| method | process start → done (s) | × floor | load (s) | × cat | notes |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    notes = {
+        "floor": "`python -c 'import torch'` + `cat` weights > /dev/null; load = the cat",
+        "weightcache-server": "until `/readyz` 200 (weights loaded + warm-up inference ran); load = server's load phase",
+        "weightcache load_model": "the server's loader alone (mmap + MADV_POPULATE_READ, manifest size check)",
+        "safetensors load_file + touch": "`safetensors.torch.load_file` per shard (lazy on CPU), then one byte per page touched",
+        "torch.load(mmap=True) + touch": "lazy mmap, then one byte per page touched (else nothing is read)",
+        "runai-model-streamer": "`SafetensorsStreamer.stream_files` to cpu, owned tensors",
+    }
+    for method, values in summary.items():
+        wall, load = values.get("wall_s", float("nan")), values.get("load_s", float("nan"))
+        lines.append(f"| {method} | {wall:.2f} | {wall / floor_wall:.2f} | {load:.2f} | {load / floor_load:.2f} | "
+                     f"{notes.get(method, '')} |")
+    server = summary.get("weightcache-server")
+    if server:
+        lines += [
+            "",
+            "Server phases (median, s): " + ", ".join(
+                f"{k.removesuffix('_s')} {v:.2f}" for k, v in server.items() if k != "wall_s"),
+            "",
+            (f"Targets: ready ≤ 1.25 × floor → {server['wall_s'] / floor_wall:.2f} × floor; "
+            f"server load ({server.get('load_s', float('nan')):.2f} s) vs fastest peer load ({fastest_peer:.2f} s)."),
+        ]
+    (out / "coldstart.md").write_text("\n".join(lines) + "\n")
+    (out / "coldstart.json").write_text(json.dumps(
+        {"size_bytes": size, "runs": runs, "page_cache_dropped": dropped, "machine": machine,
+         "median": summary, "samples": samples}, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
