@@ -33,6 +33,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -49,6 +50,7 @@ PEERS: dict[str, str] = {
     "weightcache load_model": """
 import json, sys, time
 from pathlib import Path
+from typing import Any
 import torch
 from server.loading import load_model
 t = time.perf_counter()
@@ -118,7 +120,7 @@ def build(root: Path, size: int) -> tuple[list[Path], Path]:
     shape = shape_for_size(size)
     started = time.perf_counter()
     weights = write_demo_model(snapshot, shape)
-    files = []
+    files: list[dict[str, Any]] = []
     for path in sorted(snapshot.iterdir()):
         hasher = xxhash.xxh3_128()
         with open(path, "rb") as f:
@@ -132,7 +134,7 @@ def build(root: Path, size: int) -> tuple[list[Path], Path]:
     (root / "manifests").mkdir()
     manifest = {"version": 1, "uri": URI, "kind": "prefix", "model_id": MODEL_ID, "revision": REVISION,
                 "snapshot": f"snapshots/{MODEL_ID}/{REVISION}", "path": "models/s3/bench/demo", "files": files,
-                "total_bytes": sum(f["size"] for f in files), "fetched_at": "2024-01-01T00:00:00Z",
+                "total_bytes": sum(int(f["size"]) for f in files), "fetched_at": "2024-01-01T00:00:00Z",
                 "last_used": "2024-01-01T00:00:00Z"}
     (root / "manifests" / f"{MODEL_ID}.json").write_text(json.dumps(manifest))
     # The same tensors for torch.load; built in a subprocess so this process never holds them.
@@ -141,7 +143,7 @@ def build(root: Path, size: int) -> tuple[list[Path], Path]:
         "import sys, torch\nfrom safetensors.torch import load_file\nstate = {}\n"
         "for f in sys.argv[2:]: state.update(load_file(f))\ntorch.save(state, sys.argv[1])"
     ), str(pt), *map(str, weights)], check=True)
-    print(f"built {sum(f['size'] for f in files) / 2**30:.2f} GiB model in {time.perf_counter() - started:.1f} s "
+    print(f"built {sum(int(f['size']) for f in files) / 2**30:.2f} GiB model in {time.perf_counter() - started:.1f} s "
           f"(hidden {shape.hidden_size}, {shape.num_layers} layers, {len(weights)} shards)", file=sys.stderr)
     return weights, pt
 
