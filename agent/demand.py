@@ -35,6 +35,8 @@ POD_PRIORITY, WARM_PRIORITY = 0, 1
 PERMANENT_ERRORS = (InvalidUriError, OverlappingModelError, PolicyDeniedError)
 RETRY_BASE_SECONDS = 5.0
 RETRY_MAX_SECONDS = 300.0
+#: Housekeeping (replaced revisions, orphan blobs, budget) runs this often; it only stats and unlinks.
+MAINTENANCE_INTERVAL_SECONDS = 300.0
 GATE_REASONS = {"ready": "WeightsReady", "failed": "WeightsFailed", "fetching": "WeightsFetching",
                 "rejected": "WeightsRejected"}
 
@@ -416,7 +418,14 @@ class Reconciler:
     async def _node_loop(self) -> None:
         """Tell the node which models are ready (labels + annotation), debounced, and keep cache gauges fresh."""
         last: list[str] | None = None
+        next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_SECONDS
         while True:
+            if time.monotonic() >= next_maintenance:
+                next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_SECONDS
+                try:
+                    await asyncio.to_thread(self._maintenance)
+                except Exception as e:  # noqa: BLE001 - housekeeping must never stop the loop
+                    log.warning("cache maintenance failed: %s", e)
             try:
                 ready = await asyncio.to_thread(self._ready_uris)
                 if ready != last or self._node_dirty:
@@ -428,6 +437,18 @@ class Reconciler:
             except Exception as e:  # noqa: BLE001 - the API may be down; try again next round
                 log.warning("cannot update node model labels: %s", e)
             await asyncio.sleep(0.5)
+
+    def _maintenance(self) -> None:
+        """Drop replaced revisions past their grace, orphan blobs, and anything over the budget (LRU first)."""
+        from agent.eviction import make_room
+
+        self.cache.remove_old_revisions(min_age_seconds=self.settings.old_revision_grace_seconds)
+        freed = self.cache.sweep_orphan_blobs()
+        if freed:
+            log.info("maintenance: removed orphan blobs (%s)", format_size(freed))
+        make_room(self.cache, need_bytes=0, settings=self.settings, pinned=self.pinned_model_ids(),
+                  for_uri="maintenance")
+        self._node_dirty = True
 
     def _ready_uris(self) -> list[str]:
         out = []
