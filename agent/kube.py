@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import threading
 import uuid
@@ -60,7 +61,9 @@ class KubeApi:
             try:
                 config.load_incluster_config()
             except ConfigException:
-                config.load_kube_config()
+                # KUBECONFIG read now, not the client's copy taken when `kubernetes` was imported: a process
+                # (or test) that sets it after that import would otherwise silently get ~/.kube/config.
+                config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
         except (ConfigException, OSError, TypeError) as e:
             raise ConfigError(f"no Kubernetes configuration (in-cluster or KUBECONFIG): {e}") from e
         self.core = client.CoreV1Api()
@@ -293,7 +296,7 @@ class KubeReporter:
             log.warning("cannot post event %s on %s/%s: %s", reason, namespace, obj_name, e.reason)
         except Exception as e:  # noqa: BLE001 - API unreachable (urllib3/OS errors): an Event must never
             # abort the fetch or the reconcile step that reports it; a repeat re-creates it (404 path above).
-            log.warning("cannot post event %s on %s/%s: %s: %s", reason, namespace, obj_name, type(e).__name__,
+            log.warning("cannot post event %s on %s/%s: %s: %s", reason, namespace, obj_name, e.__class__.__name__,
                         str(e).splitlines()[0][:200] if str(e) else "")
         log.log(logging.WARNING if type == WARNING else logging.INFO, "%s/%s %s: %s", namespace, obj_name, reason,
                 message, extra={"event": reason, "event_type": type, "pod": f"{namespace}/{obj_name}",

@@ -78,14 +78,14 @@ def _within(uri: str, prefix: str) -> bool:
     return uri == prefix or uri.startswith(prefix + "/")
 
 
-def _prefix_list(value: Any, where: str) -> tuple[str, ...]:
+def _prefix_list(value: Any, where: str, source: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"policy: {where} must be a list of s3:// URI prefixes")
+        raise ConfigError(f"{source}: {where} must be a list of s3:// URI prefixes")
     for v in value:
         if not v.startswith("s3://") or len(v) <= len("s3://"):
-            raise ConfigError(f"policy: {where}: {v!r} is not an s3:// URI prefix")
+            raise ConfigError(f"{source}: {where}: {v!r} is not an s3:// URI prefix")
     return tuple(value)
 
 
@@ -100,11 +100,11 @@ def parse_policy(text: str, *, source: str = "policy") -> Policy:
     unknown = set(data) - {"allow", "namespaces", "warm", "warmDeadlineSeconds"}
     if unknown:
         raise ConfigError(f"{source}: unknown keys {sorted(unknown)}")
-    allow = _prefix_list(data.get("allow"), "allow")
+    allow = _prefix_list(data.get("allow"), "allow", source)
     namespaces_raw = data.get("namespaces") or {}
     if not isinstance(namespaces_raw, dict):
         raise ConfigError(f"{source}: namespaces must map a namespace to a list of prefixes")
-    namespaces = {str(ns): _prefix_list(v, f"namespaces.{ns}") for ns, v in namespaces_raw.items()}
+    namespaces = {str(ns): _prefix_list(v, f"namespaces.{ns}", source) for ns, v in namespaces_raw.items()}
     warm: list[WarmEntry] = []
     for i, entry in enumerate(data.get("warm") or []):
         if not isinstance(entry, dict):

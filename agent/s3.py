@@ -251,6 +251,8 @@ class S3Client:
             except asyncio.CancelledError:
                 job.cancel()  # the thread stops at its next chunk; wait so no write lands after we return
                 await asyncio.wait([fut])
+                if not fut.cancelled():
+                    fut.exception()  # retrieve it: unretrieved, asyncio logs an ERROR for every cancelled part
                 raise
 
         await self._retrying(what, attempt)
