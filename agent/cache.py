@@ -29,6 +29,7 @@ import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -145,6 +146,45 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: fsyncs in flight at once when publishing: concurrent fsyncs share journal commits (ext4, xfs), so a model
+#: of many small files is durable in a few commits instead of one commit per file.
+FSYNC_PARALLELISM = 16
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_files(paths: list[Path]) -> None:
+    """fsync every file, many at once; the first error is raised after all have been tried."""
+    if len(paths) <= 1:
+        for p in paths:
+            _fsync_file(p)
+        return
+    with ThreadPoolExecutor(max_workers=min(FSYNC_PARALLELISM, len(paths)), thread_name_prefix="fsync") as pool:
+        for future in [pool.submit(_fsync_file, p) for p in paths]:
+            future.result()
+
+
+def _make_dirs_inside(staging: Path, dest: Path) -> None:
+    """Create ``dest``'s parent directories below ``staging``, never ``staging`` itself.
+
+    A failed fetch removes its staging tree; a late adopt (a worker thread that outlived its cancelled task) must
+    then fail with FileNotFoundError, not quietly re-create the tree and leave it behind under ``snapshots/``.
+    """
+    if not staging.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "the staging tree is gone (its fetch was abandoned)", str(staging))
+    d = staging
+    for part in dest.relative_to(staging).parts[:-1]:
+        d = d / part
+        with contextlib.suppress(FileExistsError):
+            d.mkdir()
 
 
 def _translate_oserror(e: OSError, what: str) -> CacheError:
@@ -385,7 +425,7 @@ class Cache:
         blob = self.blob_path(digest)
         dest = staging / relpath
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            _make_dirs_inside(staging, dest)
             with self.blob_lock():
                 os.chmod(tmp_file, 0o444)
                 try:
@@ -405,7 +445,7 @@ class Cache:
         blob = self.blob_path(digest)
         dest = staging / relpath
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            _make_dirs_inside(staging, dest)
             with self.blob_lock():
                 if blob.stat().st_size != size:
                     return False
@@ -438,12 +478,7 @@ class Cache:
         total = sum(f.size for f in files)
         try:
             if self.fsync:
-                for f in files:
-                    fd = os.open(staging / f.path, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                _fsync_files([staging / f.path for f in files])
             # One publisher at a time, overlap checked again inside: an outer prefix model published while this
             # (inner) one downloaded would otherwise have its snapshot written into through its own pointer.
             with self._publish_lock():
@@ -487,11 +522,14 @@ class Cache:
 
     def journal_append(self, model_id: str, revision: str, entry: ManifestFile) -> None:
         line = json.dumps(asdict(entry), ensure_ascii=False) + "\n"
-        fd = os.open(self.journal_path(model_id, revision), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            os.write(fd, line.encode("utf-8"))
-        finally:
-            os.close(fd)
+            fd = os.open(self.journal_path(model_id, revision), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, line.encode("utf-8"))
+            finally:
+                os.close(fd)
+        except OSError as e:  # a full disk here is DiskFull like anywhere else, not an InternalError
+            raise _translate_oserror(e, f"recording {entry.path} in the journal") from e
 
     def journal_read(self, model_id: str, revision: str) -> dict[str, ManifestFile]:
         """Files already verified for this model revision (a torn last line is ignored)."""

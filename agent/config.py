@@ -61,14 +61,17 @@ def _setting(default: Any, env: str, help: str, flag: str | None = None) -> Any:
 class AgentSettings:
     """The agent's configuration. Defaults suit a DaemonSet on a GPU node with local NVMe."""
 
-    cache_dir: Path = _setting(Path("/var/lib/weightcache"), "WEIGHTCACHE_ROOT",
+    # RUF009 is a false positive here: `_setting()` returns a `dataclasses.field()` (a default_factory for
+    # mutable defaults), so no instance shares a default object; ruff cannot see through the wrapper. It
+    # only reports fields whose annotation it does not know to be immutable (the `Path` ones): noqa there.
+    cache_dir: Path = _setting(Path("/var/lib/weightcache"), "WEIGHTCACHE_ROOT",  # noqa: RUF009
                                "cache root (a hostPath on local NVMe)", "--cache-dir")
     node_name: str = _setting("", "NODE_NAME", "this node's name (downward API spec.nodeName)", "--node-name")
     metrics_host: str = _setting("0.0.0.0", "WEIGHTCACHE_METRICS_HOST",
                                  "address of the read-only HTTP API (health, metrics, status)", "--metrics-host")
     metrics_port: int = _setting(9400, "WEIGHTCACHE_METRICS_PORT",
                                  "port of the read-only HTTP API; 0 disables it", "--metrics-port")
-    policy_file: Path | None = _setting(None, "WEIGHTCACHE_POLICY_FILE",
+    policy_file: Path | None = _setting(None, "WEIGHTCACHE_POLICY_FILE",  # noqa: RUF009
                                         "policy/warm-set YAML (a mounted ConfigMap), re-read when it changes",
                                         "--policy-file")
     max_bytes: int = _setting(0, "WEIGHTCACHE_MAX_BYTES",
@@ -101,7 +104,7 @@ class AgentSettings:
     s3_addressing_style: str = _setting("auto", "WEIGHTCACHE_S3_ADDRESSING_STYLE",
                                         "auto|path|virtual; auto = path when AWS_ENDPOINT_URL is set",
                                         "--s3-addressing-style")
-    pods_file: Path | None = _setting(None, "WEIGHTCACHE_PODS_FILE",
+    pods_file: Path | None = _setting(None, "WEIGHTCACHE_PODS_FILE",  # noqa: RUF009
                                       "read Pod manifests from this YAML file instead of the Kubernetes API",
                                       "--pods-file")
     node_labels: str = _setting("", "WEIGHTCACHE_NODE_LABELS",

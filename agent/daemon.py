@@ -12,7 +12,10 @@ import contextlib
 import hashlib
 import logging
 import signal
+from collections.abc import Sequence
 from pathlib import Path
+
+from aiohttp import web
 
 from agent import metrics
 from agent.cache import Cache
@@ -136,8 +139,8 @@ def _log_warm_failure(task: asyncio.Task[None]) -> None:
         log.error("warm-up failed: %r", task.exception())
 
 
-async def _shutdown(tasks: list[asyncio.Task[object]], reconciler: Reconciler, runners: list[object],
-                    *, grace: float) -> None:
+async def _shutdown(tasks: list[asyncio.Task[object]], reconciler: Reconciler,
+                    runners: Sequence[web.BaseRunner], *, grace: float) -> None:
     for t in tasks:
         t.cancel()
     await reconciler.aclose()
@@ -146,7 +149,7 @@ async def _shutdown(tasks: list[asyncio.Task[object]], reconciler: Reconciler, r
         log.error("task %s did not stop within %.0fs of SIGTERM", t.get_name(), grace)
     for r in runners:
         with contextlib.suppress(Exception):
-            await r.cleanup()  # type: ignore[attr-defined]
+            await r.cleanup()
     leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
     for t in leftovers:
         t.cancel()

@@ -15,8 +15,9 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent import metrics
 from agent.cache import Cache
@@ -263,8 +264,8 @@ class Reconciler:
         self._queue.put_nowait((priority, next(self._seq), entry.uri.model_id))
         self._refresh_gauges()
 
-    def _spawn(self, coro: object, *, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

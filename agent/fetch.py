@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import xxhash
 
@@ -44,12 +44,21 @@ from agent.uris import ModelUri, parse_model_uri, validate_relative_key
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 BUFFER_SIZE = 4 * 1024 * 1024
 MAX_PART_SIZE = 64 * 1024 * 1024
 #: A model whose objects keep changing under us is re-listed this many times before the fetch fails.
 MAX_RELISTS = 3
 
 ProgressFn = Callable[[int], None]
+
+
+@runtime_checkable
+class TotalAware(Protocol):
+    """A progress callback that is also told each model's total bytes (:class:`agent.progress.Progress`)."""
+
+    def add_total(self, n: int) -> None: ...
 
 
 def part_size_for(size: int, *, min_part: int, concurrency: int) -> int:
@@ -115,7 +124,12 @@ class Fetcher:
         if task is None:
             task = asyncio.create_task(self._ensure(model, progress), name=f"fetch {model.uri}")
             self._inflight[model.model_id] = task
-            task.add_done_callback(lambda t, mid=model.model_id: self._inflight.pop(mid, None))
+            mid = model.model_id
+
+            def forget(_task: asyncio.Task[FetchResult]) -> None:
+                self._inflight.pop(mid, None)
+
+            task.add_done_callback(forget)
         return await asyncio.shield(task)
 
     def lookup(self, uri: ModelUri) -> Lookup | None:
@@ -218,7 +232,7 @@ class Fetcher:
                     progress(f.size)
             else:
                 todo.append(f)
-        if hasattr(progress, "add_total"):
+        if isinstance(progress, TotalAware):
             progress.add_total(listing.total_bytes)
         downloaded = 0
 
@@ -232,14 +246,14 @@ class Fetcher:
         # failed fetch stays under snapshots/ (partial downloads stay in tmp/, for resume).
         try:
             need = sum(f.size for f in todo) - self._resumable_bytes(model, todo)
-            await asyncio.to_thread(make_room, cache, need_bytes=max(need, 0), settings=self.settings,
+            await _in_thread(make_room, cache, need_bytes=max(need, 0), settings=self.settings,
                                     pinned=self._pinned() | {model.model_id}, for_uri=model.uri)
             log.info("%s: fetching %d files (%d bytes; %d files already cached) revision %s", model, len(todo),
                      sum(f.size for f in todo), len(done), revision)
             results = await _gather_all(self._fetch_file(model, revision, f, staging, counted) for f in todo)
             done.extend(results)
             done.sort(key=lambda f: f.path)
-            await asyncio.to_thread(cache.publish, uri=model, revision=revision, files=done,
+            await _in_thread(cache.publish, uri=model, revision=revision, files=done,
                                     fetch_seconds=time.monotonic() - started)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -275,7 +289,7 @@ class Fetcher:
         if len(parts) <= 1:  # one GET: hash as the bytes stream in, no part record, no read-back
             digest = await self._fetch_whole(model, f, tmp, progress)
             return await self._adopt(model, revision, f, tmp, digest, staging)
-        finished = await asyncio.to_thread(_open_record, tmp, record, header, f.size)
+        finished = await _in_thread(_open_record, tmp, record, header, f.size)
         if finished:
             log.info("%s: resuming: %d of %d parts already on disk", f.key, len(finished), len(parts))
         fd = os.open(tmp, os.O_RDWR)
@@ -307,7 +321,7 @@ class Fetcher:
         if size != f.size:
             raise S3Error(f"{f.key}: downloaded {size} bytes, expected {f.size}")
         entry = ManifestFile(path=f.relpath, size=f.size, xxh3_128=digest, key=f.key, etag=f.etag)
-        await asyncio.to_thread(self.cache.adopt_file, tmp, digest=digest, size=f.size, staging=staging,
+        await _in_thread(self.cache.adopt_file, tmp, digest=digest, size=f.size, staging=staging,
                                 relpath=f.relpath)
         self.cache.journal_append(model.model_id, revision, entry)
         return entry
@@ -342,14 +356,24 @@ class Fetcher:
 
     async def _fetch_whole(self, model: ModelUri, f: PlannedFile, tmp: Path, progress: ProgressFn | None) -> str:
         h = xxhash.xxh3_128()
+
+        def abandon(fd: int) -> None:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+
         async with self._slots:
-            fd = await asyncio.to_thread(_create_preallocated, tmp, f.size)
+            fd = await _in_thread(_create_preallocated, tmp, f.size, on_abandon=abandon)
             buffer = self._take_buffer(f.size)
             try:
                 if f.size:
                     await self.s3.read_range(bucket=model.bucket, key=f.key, etag=f.etag, start=0, length=f.size,
                                              buffer=buffer, write=self._writer(fd, h),
                                              on_progress=self._progress_fn(progress))
+            except BaseException:
+                # One GET, no part record: a partial file here could never be resumed, so it goes now (a
+                # multi-part download keeps its finished parts in tmp/ instead, for the next attempt).
+                tmp.unlink(missing_ok=True)
+                raise
             finally:
                 os.close(fd)
                 self._buffers.append(buffer)
@@ -365,7 +389,7 @@ class Fetcher:
                                          on_progress=self._progress_fn(progress))
             finally:
                 self._buffers.append(buffer)
-        await asyncio.to_thread(_append_record, record, index)
+        await _in_thread(_append_record, record, index)
         hasher.part_done(index)
 
 
@@ -396,7 +420,7 @@ class _FrontierHasher:
             if end > nxt:
                 start = self._parts[nxt][0]
                 stop = self._parts[end - 1][0] + self._parts[end - 1][1]
-                await asyncio.to_thread(_hash_range, self._fd, h, start, stop, self._buffer)
+                await _in_thread(_hash_range, self._fd, h, start, stop, self._buffer)
                 nxt = end
         return h.hexdigest()
 
@@ -482,6 +506,29 @@ def _append_record(record: Path, index: int) -> None:
         os.write(fd, f"{index}\n".encode())
     finally:
         os.close(fd)
+
+
+async def _in_thread(fn: Callable[..., T], /, *args: Any, on_abandon: Callable[[T], None] | None = None,
+                     **kwargs: Any) -> T:
+    """``asyncio.to_thread`` that, when cancelled, waits for the thread before re-raising.
+
+    A cancelled ``to_thread`` returns at once while its thread runs on; the caller's cleanup (deleting the
+    staging tree, closing the fd) would then race file work still in flight — a late adopt re-creating a deleted
+    tree, a publish swapping the pointer after its snapshot was removed, a pread on a closed (or reused) fd. If
+    the thread succeeded after all, ``on_abandon`` gets its result (to close an fd nobody will use).
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            try:
+                await asyncio.wait([future])
+            except asyncio.CancelledError:
+                continue  # cancelled again: still wait; the CancelledError below is raised all the same
+        if not future.cancelled() and future.exception() is None and on_abandon is not None:
+            on_abandon(future.result())
+        raise
 
 
 async def _gather_all(coros: object) -> list[ManifestFile]:

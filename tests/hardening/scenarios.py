@@ -13,9 +13,11 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,15 +27,15 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from tests.fixtures.faultproxy import FaultPlan, FaultProxy
 from tests.fixtures.fakekube import FakeKube
+from tests.fixtures.faultproxy import FaultPlan, FaultProxy
 from tests.fixtures.s3servers import S3Server
 from tests.hardening.support import (
-    KiB,
     NODE,
     Agent,
-    RecordingReporter,
+    KiB,
     MiB,
+    RecordingReporter,
     agent_env,
     check,
     digests,
@@ -168,8 +170,8 @@ def crash_soak(server: S3Server, bucket: str, proxy: FaultProxy, *, work: Path, 
                 done += 1
                 in_round += 1
                 continue
-            check(rc == 0, lambda: f"prefetch after {in_round} kills failed ({rc}):\n"
-                                   f"{(work / f'crash-{rounds}.log').read_text()[-4000:]}")
+            check(rc == 0, lambda: f"prefetch after {in_round} kills failed ({rc}):\n"  # noqa: B023
+                                   f"{(work / f'crash-{rounds}.log').read_text()[-4000:]}")  # noqa: B023
             check(visible_is_whole(root, uri, expected), f"{uri}: not visible after a successful prefetch")
             leftovers = sorted(p.name for p in (root / "tmp").iterdir())
             check(not leftovers, f"temp files left after the round completed: {leftovers}")
@@ -344,7 +346,7 @@ def disk_full(server: S3Server, bucket: str, proxy: FaultProxy, *, work: Path) -
                   lambda: f"B failed without saying the disk is full: {state}\n{agent.log()[-3000:]}")
             check(agent.get("/healthz")[0] == 200, "/healthz not 200 after a full disk")
             check(not os.path.lexists(mirrored(root, ub)), "B is visible after DiskFull")
-            check(not staging_dirs(root), lambda: f"staging left: {staging_dirs(root)} {[(d, f) for d, _, f in os.walk(root)]} {[(p.name, p.stat()) for p in (root/'snapshots').glob('*/*')]} {subprocess.run(['df', str(root)], capture_output=True, text=True).stdout}")
+            check(not staging_dirs(root), lambda: f"staging left: {staging_dirs(root)}")
             big_tmp = [p.name for p in (root / "tmp").iterdir() if p.stat().st_size >= 8 * MiB]
             check(not big_tmp, f"B's 8 MiB reservation was left in tmp/: {big_tmp}")
             check(tree_digests(mirrored(root, ua)) == digests(a), "model A changed after DiskFull")
@@ -387,7 +389,7 @@ def corrupt_and_verify(server: S3Server, bucket: str, *, work: Path, flips: int 
             f.write(bytes([byte[0] ^ 0xFF]))
         v = run_cli("verify", env=env)
         check(v.returncode == 0 and "REPAIRED" in v.stdout,
-              lambda: f"flip {i}: verify did not repair ({v.returncode}):\n{v.stdout}\n{v.stderr[-2000:]}")
+              lambda: f"flip {i}: verify did not repair ({v.returncode}):\n{v.stdout}\n{v.stderr[-2000:]}")  # noqa: B023
         found += v.stdout.count("REPAIRED")
         repaired += v.stdout.count("REPAIRED")
         check(tree_digests(mirrored(root, uri)) == digests(files), f"flip {i}: model not restored by verify")
@@ -438,11 +440,17 @@ def tenant_policy(server: S3Server, bucket_a: str, bucket_b: str, proxy: FaultPr
 
 def control_socket_private(*, work: Path) -> Figures:
     """The control socket is 0600 in a 0700 directory: another uid (an inference pod's) cannot connect."""
-    base = work / "sock-root"
-    base.mkdir(parents=True, exist_ok=True)
-    for p in (work, base):
-        os.chmod(p, 0o755)
-    root = base / "cache"
+    # The other uid must reach the cache root (as a pod reads its hostPath) so that only the socket's own modes
+    # stop it: ``work`` may sit below 0700 directories (pytest's basetemp), so the root lives in /tmp instead.
+    base = Path(tempfile.mkdtemp(prefix="wc-sock-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    try:
+        return _control_socket_private(base / "cache", work=work)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _control_socket_private(root: Path, *, work: Path) -> Figures:
     pods_file = work / "empty-pods.yaml"
     pods_file.write_text("")
     env = agent_env(root=root, WEIGHTCACHE_PODS_FILE=str(pods_file))
@@ -499,6 +507,7 @@ SESSION_TOKEN = "wcSESSIONtoken+0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ/abcdefghijk
 def no_credentials_leak(server: S3Server, bucket: str, proxy: FaultProxy, *, work: Path) -> Figures:
     """Run the daemon at DEBUG through S3 faults, failures and bad input: no secret appears anywhere."""
     upload(server, bucket, "cred/ok/", make_files(51, {"w.bin": 3 * MiB, "c.json": 100}))
+    upload(server, bucket, "cred/retried/", make_files(52, {"w.bin": 2 * MiB}))
     kube = FakeKube(token="wc-kube-bearer-" + "Z9" * 20)
     kube.start()
     agent = None
@@ -523,6 +532,12 @@ def no_credentials_leak(server: S3Server, bucket: str, proxy: FaultProxy, *, wor
                    timeout=60, what="WeightsFailed on pod missing", log=agent.log)
         wait_until(lambda: [e for e in kube.events(involved_name="bad") if e["type"] == "Warning"],
                    timeout=60, what="a Warning on pod bad", log=agent.log)
+        # The drawn faults above may all miss a handful of GETs (the draw hashes the presigned URL, which changes
+        # every run): two certain 503s on one more model make sure the retry path logs at DEBUG too.
+        proxy.plan = FaultPlan(always="slowdown_503", rates={}, max_faults=proxy.stats().total_faults + 2)
+        kube.add_pod(pod_manifest("retried", f"s3://{bucket}/cred/retried/"))
+        wait_until(lambda: [e for e in kube.events(involved_name="retried") if e["reason"] == "WeightsReady"],
+                   timeout=60, what="WeightsReady on pod retried", log=agent.log)
         metrics = agent.get("/metrics")[1].decode()
         models = agent.get("/v1/models")[1].decode()
         events = json.dumps(kube.events())
@@ -553,7 +568,7 @@ def kube_faults(server: S3Server, bucket: str, *, work: Path, drops: int, storms
     kube = FakeKube(bookmark_interval=0.5)
     kube.start()
     agent = None
-    n = 0
+    n = failed_lists = 0
     try:
         kube.add_node(NODE)
         kubeconfig = kube.write_kubeconfig(work / "kubeconfig")
@@ -586,7 +601,9 @@ def kube_faults(server: S3Server, bucket: str, *, work: Path, drops: int, storms
             kube.compact()
             kube.drop_watches()
             add()
-            kube.fail_next(500, method="GET", path=r"/api/v1/pods$", times=rng.randint(1, 2))
+            times = rng.randint(1, 2)  # ...and the relist itself fails once or twice
+            kube.fail_next(500, method="GET", path=r"/api/v1/pods$", times=times)
+            failed_lists += times
             time.sleep(rng.uniform(0.05, 0.3))
         wait_until(all_ready, timeout=60, what="WeightsReady on every pod after drops and 410s", log=agent.log)
         deleted = names.pop(0)
@@ -619,7 +636,8 @@ def kube_faults(server: S3Server, bucket: str, *, work: Path, drops: int, storms
         if agent is not None:
             agent.stop()
         kube.stop()
-    return {"pods": n, "watch_drops": drops, "storms_410": storms, "outage_seconds": outage_seconds,
+    return {"pods": n, "watch_drops": drops, "storms_410": storms, "list_failures_injected": failed_lists,
+            "outage_seconds": outage_seconds,
             "pods_added_during_outage": len(during), "reconnects_metric": reconnects,
             "reconnect_after_outage_seconds": round(reconnect_seconds, 2), "missed": 0}
 
