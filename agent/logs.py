@@ -38,5 +38,5 @@ def setup_logging(*, fmt: str = "auto", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("botocore", "aiobotocore", "urllib3", "kubernetes", "asyncio", "aiohttp.access"):
+    for noisy in ("botocore", "urllib3", "kubernetes", "asyncio", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,9 +1,14 @@
 """Talking to S3: list a prefix, HEAD an object, ranged GETs with If-Match — and retries for what is transient.
 
-The only module that imports aiobotocore. Endpoint and credentials come from the standard AWS chain
+The only module that imports botocore. Endpoint and credentials come from the standard AWS chain
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, IRSA web-identity tokens, instance profiles…); nothing here logs a
 credential. botocore's own retries are off: every request is retried here, from an explicit tuple of transient
 errors, with exponential backoff and full jitter, and a ranged GET resumes from the last byte it handed over.
+
+Why botocore's (thread-safe) synchronous client in worker threads rather than aiobotocore: object bytes already
+move in worker threads (``recv_into`` then ``pwrite``, off the event loop and without the GIL for the copies), so
+botocore only lists, HEADs and presigns; aiobotocore would add an aiohttp session that carries no data and about
+half a second of import and client start-up to every ``prefetch`` and every server fallback.
 """
 
 from __future__ import annotations
@@ -23,13 +28,11 @@ import threading
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
 
-import aiohttp
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
+import botocore.session
+from botocore.config import Config
 from botocore.exceptions import (
     ClientError,
     ConnectionClosedError,
@@ -75,7 +78,6 @@ RETRYABLE_EXCEPTIONS: tuple[type[BaseException], ...] = (
     TruncatedBodyError,
     EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError,
     IncompleteReadError, ResponseStreamingError, HTTPClientError,
-    aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError,
     asyncio.TimeoutError, ConnectionError, TimeoutError, http.client.HTTPException,
 )
 
@@ -132,7 +134,6 @@ class S3Client:
 
     def __init__(self, settings: AgentSettings) -> None:
         self._settings = settings
-        self._stack = AsyncExitStack()
         self._client: Any = None
         #: Bytes of object data received from S3 (for metrics and benchmarks).
         self.bytes_received = 0
@@ -145,7 +146,7 @@ class S3Client:
         style = s.s3_addressing_style
         if style == "auto":
             style = "path" if os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") else "auto"
-        config = AioConfig(
+        config = Config(
             connect_timeout=s.connect_timeout,
             read_timeout=s.read_timeout,
             retries={"total_max_attempts": 1, "mode": "standard"},  # one try: we retry ourselves, resuming reads
@@ -155,13 +156,14 @@ class S3Client:
             response_checksum_validation="when_required",
             request_checksum_calculation="when_required",
         )
-        session = get_session()
-        self._client = await self._stack.enter_async_context(session.create_client("s3", config=config))
+        # Loading the service model takes a moment of CPU; keep the event loop free meanwhile.
+        self._client = await asyncio.to_thread(botocore.session.get_session().create_client, "s3", config=config)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        await self._stack.aclose()
+        if self._client is not None:
+            self._client.close()
 
     async def _retrying(self, what: str, attempt_fn: Callable[[], Awaitable[T]]) -> T:
         s = self._settings
@@ -201,7 +203,7 @@ class S3Client:
             if token:
                 kwargs["ContinuationToken"] = token
             page = await self._retrying(f"list s3://{bucket}/{prefix}",
-                                        functools.partial(self._client.list_objects_v2, **kwargs))
+                                        functools.partial(asyncio.to_thread, self._client.list_objects_v2, **kwargs))
             for item in page.get("Contents", []) or []:
                 out.append(ObjectInfo(key=item["Key"], size=int(item["Size"]), etag=normalize_etag(item.get("ETag"))))
             if not page.get("IsTruncated"):
@@ -215,7 +217,7 @@ class S3Client:
     async def head_object(self, bucket: str, key: str) -> ObjectInfo:
         """Size and ETag of one object."""
         resp = await self._retrying(f"head s3://{bucket}/{key}",
-                                    lambda: self._client.head_object(Bucket=bucket, Key=key))
+                                    lambda: asyncio.to_thread(self._client.head_object, Bucket=bucket, Key=key))
         return ObjectInfo(key=key, size=int(resp["ContentLength"]), etag=normalize_etag(resp.get("ETag")))
 
     async def read_range(self, *, bucket: str, key: str, etag: str, start: int, length: int,
@@ -242,9 +244,10 @@ class S3Client:
         async def attempt() -> None:
             if length - done <= 0:
                 return
-            url = await self._client.generate_presigned_url(
-                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGN_SECONDS)
-            job = _RangeJob(url=url, first=start + done, last=start + length - 1, etag=etag, buffer=buffer,
+            # Signed in the worker thread: refreshing credentials (IRSA's STS call) may block.
+            presign = functools.partial(self._client.generate_presigned_url, "get_object",
+                                        Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGN_SECONDS)
+            job = _RangeJob(presign=presign, first=start + done, last=start + length - 1, etag=etag, buffer=buffer,
                             write=write, progressed=progressed, what=what)
             fut = loop.run_in_executor(self._pool, self._plane.get, job)
             try:
@@ -281,7 +284,7 @@ class WriteError(Exception):
 
 @dataclass
 class _RangeJob:
-    url: str
+    presign: Callable[[], str]
     first: int
     last: int
     etag: str
@@ -329,7 +332,7 @@ class _DataPlane:
             conn.close()
 
     def get(self, job: _RangeJob) -> None:
-        u = urllib.parse.urlsplit(job.url)
+        u = urllib.parse.urlsplit(job.presign())
         scheme, host, port = u.scheme, u.hostname or "", u.port
         conn = self._connection(scheme, host, port)
         job.conn = conn
