@@ -645,9 +645,27 @@ class Cache:
                         continue
                     shutil.rmtree(snap, ignore_errors=True)
                     removed += 1
-                with contextlib.suppress(OSError):
-                    model_dir.rmdir()
+                self._remove_idle_model_dir(model_dir)
         return removed
+
+    def _remove_idle_model_dir(self, model_dir: Path) -> None:
+        """``rmdir`` an empty ``snapshots/<model-id>/``, only while holding that model's lock (skip it if busy).
+
+        A fetch creates this directory and then its staging tree inside it (two ``mkdir`` calls) under the model's
+        lock; an unlocked ``rmdir`` landing between the two (another model's fetch making room, or maintenance)
+        would fail that fetch with FileNotFoundError.
+        """
+        try:
+            fd = os.open(self.locks / f"model-{model_dir.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            model_dir.rmdir()
+        except OSError:
+            pass  # a fetch holds the lock (BlockingIOError), or the directory is not empty
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def sweep_orphan_blobs(self, *, min_age_seconds: float = SWEEP_MIN_AGE_SECONDS) -> int:
         """Delete blobs no snapshot links to (nlink == 1) that have not changed recently. Returns bytes freed."""

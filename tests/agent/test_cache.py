@@ -163,6 +163,19 @@ def test_replaced_revisions_are_removed_only_after_the_grace_period(cache: Cache
     assert (cache.root / "models/s3/bkt/m/a.txt").read_bytes() == b"new"
 
 
+async def test_old_revision_cleanup_leaves_the_model_directory_of_a_fetch_in_progress(cache: Cache) -> None:
+    # A fetch (holding the model's lock) has created snapshots/<model-id>/ and is about to create its staging
+    # tree inside; another model's make_room (or maintenance) cleaning up now must not rmdir it under the fetch.
+    model_dir = cache.snapshots / "deadbeefdeadbeef"
+    async with cache.model_lock("deadbeefdeadbeef"):
+        model_dir.mkdir()
+        cache.remove_old_revisions(min_age_seconds=0)
+        assert model_dir.is_dir()
+        cache.reset_staging("deadbeefdeadbeef", "rev1").rmdir()
+    cache.remove_old_revisions(min_age_seconds=0)
+    assert not model_dir.exists(), "an empty directory no fetch holds is still removed"
+
+
 def test_blobs_no_snapshot_uses_are_swept_once_old_enough(cache: Cache) -> None:
     m = build(cache, "s3://bkt/m/", {"a.txt": b"kept"})
     orphan = cache.blob_path("0" * 32)

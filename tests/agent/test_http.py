@@ -156,7 +156,7 @@ async def test_a_stale_socket_file_from_a_previous_run_is_replaced(tmp_path: Pat
 async def test_prefetch_through_the_socket_makes_models_ready(served: Served) -> None:
     async with served.control.post("http://agent/v1/prefetch",
                                    json={"uris": [served.uri("m1/"), served.uri("m2.bin")]}) as r:
-        assert r.status == 200
+        assert r.status == 200, await r.text()
         results = {x["uri"]: x for x in (await r.json())["results"]}
     assert results[served.uri("m2.bin")]["ok"] and results[served.uri("m2.bin")]["bytes"] == 1000
     assert Path(results[served.uri("m1/")]["path"], "weights.bin").read_bytes() == b"w" * 4000
