@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import xxhash
 
-from agent.cache import Cache, Lookup, Manifest, ManifestFile, PlannedFile, compute_revision, source_id
+from agent.cache import Cache, Lookup
 from agent.config import AgentSettings
 from agent.errors import (
     BudgetExceededError,
@@ -37,6 +37,7 @@ from agent.errors import (
     WeightcacheError,
 )
 from agent.eviction import make_room
+from agent.manifest import Manifest, ManifestFile, PlannedFile, compute_revision, source_id
 from agent.s3 import S3Client
 from agent.uris import ModelUri, parse_model_uri, validate_relative_key
 

@@ -16,9 +16,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.cache import Cache, Manifest, ManifestFile, PlannedFile, hash_file
+from agent.cache import Cache
 from agent.errors import IntegrityError, WeightcacheError
 from agent.fetch import Fetcher
+from agent.manifest import Manifest, ManifestFile, PlannedFile, hash_file
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 import xxhash
 
-from agent.cache import Cache, Manifest, ManifestFile, PlannedFile, compute_revision, source_id
+from agent.cache import Cache
 from agent.config import AgentSettings, load_settings
 from agent.fetch import Fetcher, FetchResult
+from agent.manifest import Manifest, ManifestFile, PlannedFile, compute_revision, source_id
 from agent.s3 import S3Client
 from agent.uris import parse_model_uri
 from tests.fixtures.s3servers import S3Server

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from agent.cache import Cache, ManifestFile, PlannedFile, compute_revision, hash_file
+from agent.cache import Cache
 from agent.errors import OverlappingModelError
+from agent.manifest import ManifestFile, PlannedFile, compute_revision, hash_file
 from agent.uris import parse_model_uri
 from tests.agent.conftest import build_model as build
 

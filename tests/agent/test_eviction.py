@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.cache import Cache, Manifest
+from agent.cache import Cache
 from agent.errors import BudgetExceededError
 from agent.eviction import execute_plan, make_room, plan_eviction
+from agent.manifest import Manifest
 from agent.uris import parse_model_uri
 from tests.agent.conftest import (
     MiB,

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
+from tests.agent.daemon_helpers import RecordingReporter
 from tests.fixtures.fakekube import FakeKube
 from tests.fixtures.faultproxy import FaultPlan, FaultProxy
 from tests.fixtures.s3servers import S3Server
@@ -35,7 +36,6 @@ from tests.hardening.support import (
     Agent,
     KiB,
     MiB,
-    RecordingReporter,
     agent_env,
     check,
     digests,

@@ -17,14 +17,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import xxhash
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.pods import PodInfo
 from agent.uris import parse_model_uri
 from tests.fixtures.s3servers import S3Server, free_port
 
@@ -250,34 +249,3 @@ def pod_manifest(name: str, models: str | None, *, namespace: str = "default", n
         meta["annotations"] = {ANNOTATION: models}
     return {"metadata": meta, "spec": {"nodeName": node, "containers": [{"name": "main", "image": "x/infer:1"}]},
             "status": {"phase": "Running"}}
-
-
-@dataclass
-class RecordedEvent:
-    pod: str
-    type: str
-    reason: str
-    message: str
-
-
-@dataclass
-class RecordingReporter:
-    """A :class:`agent.reporting.Reporter` that remembers every call (for the in-process Reconciler)."""
-
-    events: list[RecordedEvent] = field(default_factory=list)
-    conditions: list[tuple[str, bool, str]] = field(default_factory=list)
-
-    async def pod_event(self, pod: PodInfo, *, type: str, reason: str, message: str) -> None:
-        self.events.append(RecordedEvent(pod.key, type, reason, message))
-
-    async def pod_condition(self, pod: PodInfo, *, ready: bool, reason: str, message: str) -> None:
-        self.conditions.append((pod.key, ready, reason))
-
-    async def node_event(self, *, type: str, reason: str, message: str) -> None:
-        self.events.append(RecordedEvent("node", type, reason, message))
-
-    async def node_models(self, ready_uris: list[str]) -> None:
-        return None
-
-    async def remove_startup_taint(self) -> bool:
-        return False
