@@ -27,12 +27,11 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from tests.agent.daemon_helpers import RecordingReporter
+from tests.agent.daemon_helpers import NODE, RecordingReporter, pod_manifest
 from tests.fixtures.fakekube import FakeKube
 from tests.fixtures.faultproxy import FaultPlan, FaultProxy
 from tests.fixtures.s3servers import S3Server
 from tests.hardening.support import (
-    NODE,
     Agent,
     KiB,
     MiB,
@@ -41,7 +40,6 @@ from tests.hardening.support import (
     digests,
     make_files,
     mirrored,
-    pod_manifest,
     popen_cli,
     run_cli,
     staging_dirs,

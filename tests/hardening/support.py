@@ -110,18 +110,6 @@ def staging_dirs(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in snaps.glob("*/*.incomplete")) if snaps.exists() else []
 
 
-def escaped_entries(root: Path) -> list[str]:
-    """Symlinks under ``root`` that resolve outside it (a published model must never point out of the root)."""
-    real_root = Path(os.path.realpath(root))
-    bad = []
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = Path(dirpath) / name
-            if p.is_symlink() and not Path(os.path.realpath(p)).is_relative_to(real_root):
-                bad.append(str(p))
-    return bad
-
-
 # ----- the agent as a subprocess ------------------------------------------------------------------------------
 
 
@@ -234,18 +222,3 @@ class Agent:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         return self.proc.returncode
-
-
-# ----- pods --------------------------------------------------------------------------------------------------
-
-
-NODE = "node-a"
-ANNOTATION = "weightcache.io/models"
-
-
-def pod_manifest(name: str, models: str | None, *, namespace: str = "default", node: str = NODE) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": namespace}
-    if models is not None:
-        meta["annotations"] = {ANNOTATION: models}
-    return {"metadata": meta, "spec": {"nodeName": node, "containers": [{"name": "main", "image": "x/infer:1"}]},
-            "status": {"phase": "Running"}}
