@@ -120,7 +120,9 @@ async def _prefetch(settings: AgentSettings, uris: list[str]) -> int:
     progress = Progress()
     failures = 0
     async with S3Client(settings) as s3:
-        fetcher = Fetcher(settings, cache, s3)
+        # Ready when verified: no flush on the way out. The node's agent (or `gc`) flushes it later; until then it
+        # is trusted for this boot only, and re-verified after a reboot.
+        fetcher = Fetcher(settings, cache, s3, flush_in_background=False)
         results = await asyncio.gather(*(fetcher.ensure(m, progress=progress) for m in models),
                                        return_exceptions=True)
     progress.finish()
@@ -160,12 +162,15 @@ async def _verify(settings: AgentSettings, uris: set[str], *, repair: bool) -> i
 
 def _gc(settings: AgentSettings) -> int:
     from agent.eviction import make_room
+    from agent.maintenance import flush_pending
 
     cache = Cache(settings.cache_dir, fsync=settings.fsync)
     cache.recover(orphan_max_age_seconds=settings.orphan_max_age_seconds)
     before = cache.used_bytes()
     make_room(cache, need_bytes=0, settings=settings, pinned=set(), for_uri="gc")
     cache.sweep_orphan_blobs()
+    if settings.fsync:
+        flush_pending(cache)
     after = cache.used_bytes()
     print(f"cache uses {format_size(after)} (freed {format_size(before - after)})")
     return 0

@@ -133,6 +133,15 @@ class AgentSettings:
     old_revision_grace_seconds: float = _setting(
         600.0, "WEIGHTCACHE_OLD_REVISION_GRACE",
         "keep a replaced revision this long for pods still opening it", "--old-revision-grace")
+    control_socket: Path = _setting(Path("/run/weightcache/agent.sock"), "WEIGHTCACHE_CONTROL_SOCKET",  # noqa: RUF009
+                                    "Unix socket for prefetch/evict: outside the cache root (pods mount the root; "
+                                    "a read-only mount still lets a process connect to a socket in it)",
+                                    "--control-socket")
+    node_resync_seconds: float = _setting(
+        30.0, "WEIGHTCACHE_NODE_RESYNC_SECONDS",
+        "re-derive the node's model labels from the cache this often even unprompted (this agent's own fetches "
+        "and evictions update them at once; this catches other processes, e.g. `weightcache-agent gc`)",
+        "--node-resync-seconds")
     log_format: str = _setting("auto", "WEIGHTCACHE_LOG_FORMAT", "json|text|auto (json unless a terminal)",
                                "--log-format")
     log_level: str = _setting("INFO", "WEIGHTCACHE_LOG_LEVEL", "DEBUG|INFO|WARNING|ERROR", "--log-level")
@@ -150,11 +159,13 @@ class AgentSettings:
             raise ConfigError(f"log format must be auto|json|text, got {self.log_format!r}")
         if self.max_bytes < 0 or self.min_free_bytes < 0:
             raise ConfigError("byte budgets must be ≥ 0")
+        if self.node_resync_seconds <= 0:
+            raise ConfigError(f"node resync interval must be > 0 s, got {self.node_resync_seconds}")
+        if Path(os.path.abspath(self.control_socket)).is_relative_to(os.path.abspath(self.cache_dir)):
+            raise ConfigError(f"the control socket {self.control_socket} must live outside the cache root "
+                              f"{self.cache_dir}: inference pods mount the root, and a read-only mount does not "
+                              "stop a process from connecting to a socket")
 
-    @property
-    def control_socket(self) -> Path:
-        """The Unix socket for cache-changing requests: inside the root, in a 0700 directory."""
-        return self.cache_dir / ".control" / "agent.sock"
 
 
 _SIZE_FIELDS = {"max_bytes", "min_free_bytes", "min_part_size"}

@@ -6,6 +6,15 @@ ones), with one fetch per model however many pods want it; hits skip the queue a
 model a live pod wants is pinned against eviction, and unpinned when its last pod goes. Pods hear how it went
 through the :class:`~agent.reporting.Reporter` (Events, readiness-gate condition); the node hears which models
 are ready. A fetch that crashes is reported and retried with backoff; it never takes the daemon down.
+
+Threads: the reconciler's dicts live on the event loop and are never iterated from a worker thread. What threads
+need (the pinned set, for eviction) is an immutable snapshot, replaced whole on the loop. Cache calls that touch
+the disk (lookups, listing manifests, writing pins) run in threads, never on the loop.
+
+The node's labels follow the set of ready models: a change is signalled (:meth:`Reconciler.cache_changed`) by the
+paths that publish or evict (a fetch finishing, the control socket's prefetch and evict, maintenance), and the
+node reporter re-reads the cache only then — plus every ``node_resync_seconds`` (30 s), for what other processes
+change without telling the daemon (``weightcache-agent gc`` on the node).
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ RETRY_BASE_SECONDS = 5.0
 RETRY_MAX_SECONDS = 300.0
 #: Housekeeping (replaced revisions, orphan blobs, budget) runs this often; it only stats and unlinks.
 MAINTENANCE_INTERVAL_SECONDS = 300.0
+#: After a signal, wait this long for more (a burst of models finishing together is one node patch).
+NODE_DEBOUNCE_SECONDS = 0.2
+#: A failed node patch is retried after a backoff growing to this (the node may be unreachable for a while).
+NODE_RETRY_MAX_SECONDS = 30.0
 GATE_REASONS = {"ready": "WeightsReady", "failed": "WeightsFailed", "fetching": "WeightsFetching",
                 "rejected": "WeightsRejected"}
 
@@ -86,8 +99,12 @@ class Reconciler:
         self._model_workers = model_workers
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
-        self._node_dirty = True
-        self._last_pins: set[str] | None = None
+        self._cache_changed = asyncio.Event()  # the set of ready models may differ: re-label the node
+        self._cache_changed.set()  # the first round labels the node
+        self._pins: frozenset[str] = frozenset()  # replaced whole on the loop: threads read it safely
+        self._written_pins: frozenset[str] | None = None
+        self._pins_lock = asyncio.Lock()
+        self._node_ready: frozenset[str] = frozenset()  # the URIs the node was last told are ready
         self.synced = False
 
     # ----- lifecycle -----------------------------------------------------------------------------------
@@ -110,7 +127,12 @@ class Reconciler:
                 m.retry_handle.cancel()
 
     def pinned_model_ids(self) -> set[str]:
-        return {mid for mid, m in self._models.items() if m.waiters}
+        """Models a live pod wants. Safe from any thread: a copy of a snapshot the loop replaces whole."""
+        return set(self._pins)
+
+    def cache_changed(self) -> None:
+        """Something may have published or evicted a model: the node reporter re-reads the cache at once."""
+        self._cache_changed.set()
 
     # ----- pod events ----------------------------------------------------------------------------------
 
@@ -146,7 +168,7 @@ class Reconciler:
             entry = self._models.get(mid)
             if entry is not None:
                 entry.waiters.discard(uid)
-        self._sync_pins()
+        await self._sync_pins()
         self._gc_models()
 
     async def policy_changed(self) -> None:
@@ -226,7 +248,7 @@ class Reconciler:
             if mid not in demand.seen_at:
                 demand.seen_at[mid] = time.monotonic()
                 await self._count_demand(demand, entry)
-        self._sync_pins()
+        await self._sync_pins()
         self._gc_models()
         await self._update_condition(demand)
 
@@ -321,7 +343,8 @@ class Reconciler:
         entry.state, entry.result, entry.error, entry.error_reason, entry.attempts = "ready", result, "", "", 0
         if not result.hit:
             metrics.FETCH_DURATION.observe(result.seconds)
-        self._node_dirty = True
+        if not result.hit or uri.uri not in self._node_ready:
+            self.cache_changed()  # published here, or by another process (a CLI prefetch) since the last look
         for uid in list(entry.waiters):
             d = self._pods.get(uid)
             if d is None or d.told_ready.get(uri.model_id) == result.revision:
@@ -389,15 +412,22 @@ class Reconciler:
             demand.last_condition = None
             log.warning("cannot set the readiness condition on %s: %s", demand.pod.key, e)
 
-    def _sync_pins(self) -> None:
-        pins = self.pinned_model_ids()
-        if pins == self._last_pins:
-            return
-        self._last_pins = pins
-        try:
-            self.cache.write_pins(pins)
-        except WeightcacheError as e:
-            log.error("cannot write pins: %s", e)
+    async def _sync_pins(self) -> None:
+        """Snapshot the pinned set (at once, for this process's eviction) and write it for other processes.
+
+        Writers queue on a lock and each writes the newest snapshot, so the file never goes back to an older set
+        however the threads finish; the write (a temp file, maybe an fsync, a rename) runs in a thread.
+        """
+        self._pins = frozenset(mid for mid, m in self._models.items() if m.waiters)
+        async with self._pins_lock:
+            pins = self._pins
+            if pins == self._written_pins:
+                return
+            try:
+                await asyncio.to_thread(self.cache.write_pins, set(pins))
+                self._written_pins = pins
+            except (WeightcacheError, OSError) as e:
+                log.error("cannot write pins: %s", e)
 
     def _gc_models(self) -> None:
         """Forget models nobody wants any more (their cache files stay, evictable)."""
@@ -417,39 +447,58 @@ class Reconciler:
             metrics.MODELS.labels(state=state).set(n)
 
     async def _node_loop(self) -> None:
-        """Tell the node which models are ready (labels + annotation), debounced, and keep cache gauges fresh."""
+        """Tell the node which models are ready (labels + annotation) when that set may have changed.
+
+        Woken by :meth:`cache_changed` (debounced) or every ``node_resync_seconds``; the cache is read in a
+        thread. A failed patch is retried with backoff until it goes through. Also runs the periodic maintenance
+        and keeps the cache gauges fresh.
+        """
         last: list[str] | None = None
+        failures = 0
         next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_SECONDS
         while True:
+            wait = self.settings.node_resync_seconds
+            if failures:
+                wait = min(NODE_RETRY_MAX_SECONDS, 0.5 * 2.0 ** min(failures, 10))
+            wait = min(wait, max(next_maintenance - time.monotonic(), 0.0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cache_changed.wait(), timeout=wait)
+                await asyncio.sleep(NODE_DEBOUNCE_SECONDS)
+            self._cache_changed.clear()
             if time.monotonic() >= next_maintenance:
                 next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_SECONDS
                 try:
-                    await asyncio.to_thread(self._maintenance)
+                    await asyncio.to_thread(self._maintenance, frozenset(self._pins))
                 except Exception as e:  # noqa: BLE001 - housekeeping must never stop the loop
                     log.warning("cache maintenance failed: %s", e)
             try:
                 ready = await asyncio.to_thread(self._ready_uris)
-                if ready != last or self._node_dirty:
+                if ready != last or failures:
                     await self.reporter.node_models(ready)
-                    last, self._node_dirty = ready, False
-                await asyncio.to_thread(self._update_cache_gauges)
+                    last, self._node_ready = ready, frozenset(ready)
+                failures = 0
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001 - the API may be down; try again next round
-                log.warning("cannot update node model labels: %s", e)
-            await asyncio.sleep(0.5)
+            except Exception as e:  # noqa: BLE001 - the API may be down: retried with backoff
+                failures += 1
+                log.warning("cannot update node model labels (attempt %d): %s", failures, e)
+            try:
+                await asyncio.to_thread(self._update_cache_gauges)
+            except Exception as e:  # noqa: BLE001 - a gauge must never stop the loop
+                log.warning("cannot read cache usage: %s", e)
 
-    def _maintenance(self) -> None:
-        """Drop replaced revisions past their grace, orphan blobs, and anything over the budget (LRU first)."""
+    def _maintenance(self, pinned: frozenset[str]) -> None:
+        """Drop replaced revisions past their grace, orphan blobs, and anything over the budget (LRU first).
+
+        Runs in a worker thread: it gets the pinned set as an argument and touches none of the loop's state.
+        """
         from agent.eviction import make_room
 
         self.cache.remove_old_revisions(min_age_seconds=self.settings.old_revision_grace_seconds)
         freed = self.cache.sweep_orphan_blobs()
         if freed:
             log.info("maintenance: removed orphan blobs (%s)", format_size(freed))
-        make_room(self.cache, need_bytes=0, settings=self.settings, pinned=self.pinned_model_ids(),
-                  for_uri="maintenance")
-        self._node_dirty = True
+        make_room(self.cache, need_bytes=0, settings=self.settings, pinned=set(pinned), for_uri="maintenance")
 
     def _ready_uris(self) -> list[str]:
         out = []

@@ -2,19 +2,18 @@
 
 Least-recently-used models go first. A model is never evicted while it is pinned (a pod on the node wants it:
 the daemon's pins, in memory and in ``state/pins.json`` for other processes) or locked (being fetched). Removal
-deletes pointers before blobs (see :meth:`Cache.remove_model`), so a reader never follows a pointer into nothing.
+deletes pointers before blobs (see :func:`agent.maintenance.remove_model`), so a reader never follows a pointer into nothing.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 from dataclasses import dataclass
 
 from agent.cache import Cache
 from agent.config import AgentSettings, format_size
 from agent.errors import BudgetExceededError, DiskFullError
+from agent.maintenance import remove_model, remove_old_revisions
 
 log = logging.getLogger(__name__)
 
@@ -103,23 +102,17 @@ def execute_plan(cache: Cache, plan: EvictionPlan) -> int:
     """Evict the plan's models (each under its model lock, skipping any that became busy). Returns bytes freed."""
     freed = 0
     for item in plan.items:
-        path = cache.locks / f"model-{item.model_id}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        with cache.try_model_lock(item.model_id) as got:
+            if not got:
                 log.info("not evicting %s: a fetch of it started meanwhile", item.uri)
                 continue
             if item.model_id in cache.read_pins():
                 log.info("not evicting %s: pinned meanwhile", item.uri)
                 continue
-            n = cache.remove_model(item.model_id)
+            n = remove_model(cache, item.model_id)
             freed += n
             log.info("evicted %s (%s freed)", item.uri, format_size(n))
             _record_eviction(n)
-        finally:
-            os.close(fd)
     return freed
 
 
@@ -138,7 +131,7 @@ def make_room(cache: Cache, *, need_bytes: int, settings: AgentSettings, pinned:
         raise BudgetExceededError(
             f"{for_uri or 'model'} needs {format_size(need_bytes)}, more than the whole cache budget "
             f"({format_size(max_bytes)}, WEIGHTCACHE_MAX_BYTES)")
-    cache.remove_old_revisions(min_age_seconds=settings.old_revision_grace_seconds)
+    remove_old_revisions(cache, grace_seconds=settings.old_revision_grace_seconds)
     pinned = pinned | cache.read_pins()
     plan = plan_eviction(cache, need_bytes=need_bytes, max_bytes=max_bytes,
                          min_free_bytes=settings.min_free_bytes, pinned=pinned)

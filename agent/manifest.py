@@ -1,6 +1,9 @@
-"""What a cached model is: its manifest (files, sizes, xxh3-128 digests, source keys and ETags, revision, times),
-the files a listing plans, and the ids derived from them. Pure data and hashing: no paths of the cache, no I/O
-beyond hashing one file.
+"""What a cached model is: its manifest (files, sizes, digests, source keys and ETags, revision, build, boot id),
+the files a listing plans, and the ids derived from them. Pure data: no paths of the cache, no I/O.
+
+Version 2 manifests live inside their build (``snapshots/<id>/<build>/manifest.json``) and never change; the last
+use of a model is bookkeeping kept elsewhere (``Manifest.last_used`` is filled in when read, never written).
+Version 1 manifests (``manifests/<id>.json``, whole-file xxh3-128) are still read, to migrate them.
 """
 
 from __future__ import annotations
@@ -9,15 +12,14 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import xxhash
 
+from agent.layout import CHUNK_SIZE, DIGEST_SCHEME, LEGACY_DIGEST_SCHEME
 from agent.uris import ModelUri, parse_model_uri
 
-MANIFEST_VERSION = 1
-HASH_CHUNK = 8 * 1024 * 1024
+MANIFEST_VERSION = 2
 
 
 def now_iso() -> str:
@@ -25,20 +27,12 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def hash_file(path: Path | str) -> str:
-    """xxh3-128 of a file's bytes, hex."""
-    h = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(HASH_CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
 @dataclass(frozen=True, slots=True)
 class ManifestFile:
-    """One file of a model: where it sits in the snapshot, its size and digest, and where it came from."""
+    """One file of a model: where it sits in the build, its size and digest, and where it came from.
+
+    ``xxh3_128`` is the digest under the manifest's ``digest_scheme`` (chunked xxh3-128 since version 2).
+    """
 
     path: str
     size: int
@@ -49,23 +43,28 @@ class ManifestFile:
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
-    """Everything known about one ready model; written as JSON beside the snapshots."""
+    """Everything known about one built revision of a model; written once, inside the build."""
 
     uri: str
     kind: str  # "prefix" | "object"
     model_id: str
-    revision: str
-    snapshot: str
-    path: str
+    revision: str  # of the S3 listing (names, sizes, ETags)
+    snapshot: str  # the build directory, relative to the root: snapshots/<model-id>/<build>
+    path: str  # where the pointer lives, relative to the root: models/s3/<bucket>/<key>
     files: tuple[ManifestFile, ...]
     total_bytes: int
     fetched_at: str
-    last_used: str
+    last_used: str = ""  # bookkeeping, filled in when read; never part of the file
     fetch_seconds: float = 0.0
+    build: str = ""
+    boot_id: str = ""  # the boot during which the build was published (see agent.layout.is_trusted)
+    digest_scheme: str = DIGEST_SCHEME
+    chunk_size: int = CHUNK_SIZE
     version: int = MANIFEST_VERSION
 
     def to_json(self) -> str:
         d = asdict(self)
+        d.pop("last_used")
         d["files"] = [asdict(f) for f in self.files]
         return json.dumps(d, indent=1, ensure_ascii=False)
 
@@ -73,7 +72,15 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         files = tuple(ManifestFile(**f) for f in d["files"])
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "files"}
+        if int(d.get("version", 1)) < 2:
+            known["digest_scheme"] = LEGACY_DIGEST_SCHEME
+            known["version"] = 1
         return cls(files=files, **known)
+
+    @property
+    def data_relpath(self) -> str:
+        """The build's data directory relative to the root (version 1: the snapshot itself)."""
+        return f"{self.snapshot}/data" if self.version >= 2 else self.snapshot
 
     @property
     def model_uri(self) -> ModelUri:

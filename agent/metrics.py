@@ -30,8 +30,21 @@ CACHE_BYTES_CAPACITY = Gauge(
 EVICTIONS = Counter("weightcache_evictions", "Models evicted.", registry=REGISTRY)
 EVICTED_BYTES = Counter("weightcache_evicted_bytes", "Bytes freed by eviction.", registry=REGISTRY)
 MODELS = Gauge("weightcache_models", "Models known to the agent, by state.", ["state"], registry=REGISTRY)
-WATCH_RECONNECTS = Counter("weightcache_watch_reconnects", "Pod watch reconnects (incl. relists after 410).",
-                           ["reason"], registry=REGISTRY)
+WATCH_RECONNECTS = Counter(
+    "weightcache_watch_reconnects",
+    "Pod watch reconnects: expired (410, relisted), error (relisted after backoff), inactive (silent stream, "
+    "resumed from the last resourceVersion without a relist).", ["reason"], registry=REGISTRY)
+NODE_API_ERRORS = Counter(
+    "weightcache_node_api_errors",
+    "Failed reads and writes of this node's object (labels, taint), all retried with capped backoff; conflict = "
+    "another writer changed the node between our read and our write.", ["op"], registry=REGISTRY)
+WARM_SET_UNRESOLVED = Gauge(
+    "weightcache_warm_set_unresolved",
+    "1 while this node's warm set cannot be resolved (its labels cannot be read); retried until it can.",
+    registry=REGISTRY)
+CONTROL_REQUESTS = Counter(
+    "weightcache_control_requests", "Requests on the control socket, by result (refused: wrong uid or pid "
+    "namespace, checked with SO_PEERCRED).", ["result"], registry=REGISTRY)
 POLICY_REJECTIONS = Counter("weightcache_policy_rejections", "Model demands refused by policy or as invalid.",
                             ["reason"], registry=REGISTRY)
 EVENTS_POSTED = Counter("weightcache_events_posted", "Kubernetes Events posted (created or count-bumped).",
@@ -45,3 +58,9 @@ for _state in MODEL_STATES:
     MODELS.labels(state=_state)
 for _result in ("hit", "miss"):
     CACHE_REQUESTS.labels(result=_result)
+for _reason in ("expired", "error", "inactive"):
+    WATCH_RECONNECTS.labels(reason=_reason)
+for _op in ("read", "patch", "conflict"):
+    NODE_API_ERRORS.labels(op=_op)
+for _result in ("allowed", "refused"):
+    CONTROL_REQUESTS.labels(result=_result)

@@ -25,6 +25,9 @@ class PodInfo:
     has_gate: bool
     deleting: bool
     resource_version: str = ""
+    #: The readiness-gate condition's status as last seen on the pod ("True"/"False"), None if it has none:
+    #: lastTransitionTime moves only when the status really changes, also across agent restarts.
+    gate_status: str | None = None
 
     @property
     def key(self) -> str:
@@ -61,8 +64,12 @@ def pod_from_dict(obj: Any) -> PodInfo:
     annotation = annotations.get(ANNOTATION) if isinstance(annotations, dict) else None
     gates = spec.get("readinessGates") or []
     has_gate = any(isinstance(g, dict) and g.get("conditionType") == READINESS_GATE for g in gates)
+    conditions = status.get("conditions")
+    gate_status = next((str(c.get("status")) for c in (conditions if isinstance(conditions, list) else [])
+                        if isinstance(c, dict) and c.get("type") == READINESS_GATE), None)
     return PodInfo(
         uid=uid, namespace=namespace, name=name, node_name=str(spec.get("nodeName") or ""),
         phase=str(status.get("phase") or "Pending"),
         annotation=None if annotation is None else str(annotation), has_gate=has_gate,
-        deleting=bool(meta.get("deletionTimestamp")), resource_version=str(meta.get("resourceVersion") or ""))
+        deleting=bool(meta.get("deletionTimestamp")), resource_version=str(meta.get("resourceVersion") or ""),
+        gate_status=gate_status)

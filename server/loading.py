@@ -279,48 +279,42 @@ def _read_config(model_path: Path) -> tuple[dict[str, Any], list[Path]]:
 
 @dataclass(frozen=True)
 class CacheManifest:
-    """The node cache's record of a published snapshot (written by the agent's ``cache.py``)."""
+    """The node cache's record of one immutable build (read through ``agent.layout``, the agent's own module)."""
 
-    snapshot_dir: Path
+    snapshot_dir: Path  # the build's data directory: manifest paths are relative to it
     revision: str
-    files: dict[str, dict[str, Any]]  # relpath within the snapshot → {"size", "xxh3_128", ...}
+    files: dict[str, dict[str, Any]]  # relpath within the build → {"size", "xxh3_128", ...}
+    digest_scheme: str = "xxh3-128-chunked"
+    chunk_size: int = 1024 * 1024
 
 
 def find_manifest(root: Path, model_path: Path) -> CacheManifest | None:
-    """The manifest describing the snapshot ``model_path`` resolves to, or None outside the node cache.
+    """The manifest of the build ``model_path`` resolves to, or None outside the node cache.
 
-    A manifest for a different revision (the agent published a newer one since we resolved the path) is not ours
-    to check against: we load what we resolved and say so.
+    The build is immutable and carries its own manifest, so what we check against is exactly what we load.
     """
-    real = Path(os.path.realpath(model_path))
-    real_root = Path(os.path.realpath(root))
-    try:
-        parts = real.relative_to(real_root).parts
-    except ValueError:
+    from agent import layout
+
+    resolved = layout.resolve(root, model_path)
+    if resolved is None:
         return None
-    if len(parts) < 3 or parts[0] != "snapshots":
-        return None
-    model_id, revision = parts[1], parts[2]
-    manifest_path = real_root / "manifests" / f"{model_id}.json"
     try:
-        data = json.loads(manifest_path.read_text())
+        data = layout.read_manifest_data(resolved.build_dir)
     except FileNotFoundError:
-        log.warning("no cache manifest at %s: checking headers only", manifest_path)
+        log.warning("no cache manifest in %s: checking headers only", resolved.build_dir)
         return None
-    except (OSError, ValueError) as e:
-        raise CorruptModelError(f"{manifest_path}: unreadable cache manifest ({e})") from e
-    if data.get("revision") != revision:
-        log.warning(
-            "cache manifest %s describes revision %s, we resolved %s: checking headers only",
-            manifest_path, data.get("revision"), revision,
-        )
-        return None
+    except (OSError, ValueError, TypeError) as e:
+        raise CorruptModelError(f"{resolved.manifest_path}: unreadable cache manifest ({e})") from e
     files = {entry["path"]: entry for entry in data.get("files", [])}
-    return CacheManifest(snapshot_dir=real_root / "snapshots" / model_id / revision, revision=revision, files=files)
+    return CacheManifest(snapshot_dir=resolved.data_dir, revision=str(data.get("revision", "")), files=files,
+                         digest_scheme=str(data.get("digest_scheme", layout.DIGEST_SCHEME)),
+                         chunk_size=int(data.get("chunk_size", layout.CHUNK_SIZE)))
 
 
 def verify_files(manifest: CacheManifest, paths: Iterable[Path], *, digest: bool) -> None:
-    """Check each file's size (and xxh3-128 digest if ``digest``) against ``manifest``."""
+    """Check each file's size (and digest, under the manifest's scheme, if ``digest``) against ``manifest``."""
+    from agent import layout
+
     for path in paths:
         rel = Path(os.path.realpath(path)).relative_to(manifest.snapshot_dir).as_posix()
         entry = manifest.files.get(rel)
@@ -330,21 +324,9 @@ def verify_files(manifest: CacheManifest, paths: Iterable[Path], *, digest: bool
         if size != entry["size"]:
             raise CorruptModelError(f"{path}: {size} bytes on disk but the cache manifest says {entry['size']}")
         if digest:
-            actual = _xxh3_128(path)
+            actual = layout.hash_file(path, scheme=manifest.digest_scheme, chunk_size=manifest.chunk_size)
             if actual != entry["xxh3_128"]:
-                raise CorruptModelError(f"{path}: xxh3-128 {actual} but the cache manifest says {entry['xxh3_128']}")
-
-
-def _xxh3_128(path: Path) -> str:
-    import xxhash  # only needed for digest verification
-
-    hasher = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(8 * 1024 * 1024)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            hasher.update(view[:n])
-    return hasher.hexdigest()
+                raise CorruptModelError(f"{path}: digest {actual} but the cache manifest says {entry['xxh3_128']}")
 
 
 # --------------------------------------------------------------------------------------------------- strategies
@@ -552,6 +534,9 @@ def load_model(
 ) -> LoadedModel:
     """Discover, check and load the model at ``model_path``; blocking (run it in a thread)."""
     start = time.perf_counter()
+    # Resolve the published pointer once: every file comes from this one immutable build, even if the agent
+    # publishes a newer revision while we load.
+    model_path = Path(os.path.realpath(model_path))
     files = discover(model_path)
     verified = "headers"
     if verify != "none":

@@ -122,7 +122,11 @@ def _open_inotify() -> _Inotify | None:
 
 
 async def wait_for_path(path: Path, *, timeout: float, poll_interval: float = 1.0) -> None:
-    """Return once ``path`` exists (following symlinks); raise ``ModelWaitTimeoutError`` after ``timeout`` s."""
+    """Return once ``path`` exists (following symlinks) and can be trusted; raise ``ModelWaitTimeoutError`` after
+    ``timeout`` s. A build the node cache does not trust yet (after a reboot, before the agent re-verified it)
+    counts as absent."""
+    from agent.layout import is_servable
+
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     poll_interval = max(poll_interval, _MIN_POLL_SECONDS)
@@ -132,7 +136,7 @@ async def wait_for_path(path: Path, *, timeout: float, poll_interval: float = 1.
     try:
         logged_missing = False
         while True:
-            if path.exists():
+            if is_servable(path):
                 return
             if notifier is not None:
                 ancestor = nearest_existing_ancestor(path)
@@ -143,7 +147,7 @@ async def wait_for_path(path: Path, *, timeout: float, poll_interval: float = 1.
                     await asyncio.sleep(_MIN_POLL_SECONDS)
                     continue
                 # The path may have appeared between the first check and the watch being in place.
-                if path.exists():
+                if is_servable(path):
                     return
             if not logged_missing:
                 log.info("waiting up to %.0f s for the model at %s", timeout, path)

@@ -21,6 +21,7 @@ from agent.cache import Cache
 from agent.config import AgentSettings, load_settings
 from agent.fetch import Fetcher, FetchResult
 from agent.manifest import Manifest, ManifestFile, PlannedFile, compute_revision, source_id
+from agent.publish import Build
 from agent.s3 import S3Client
 from agent.uris import parse_model_uri
 from tests.fixtures.s3servers import S3Server
@@ -79,8 +80,11 @@ async def fetch(settings: AgentSettings, uri: str) -> FetchResult:
     """One demand, as the one-shot CLI makes it: recover the cache, then ensure the model."""
     cache = Cache(settings.cache_dir)
     cache.recover(orphan_max_age_seconds=settings.orphan_max_age_seconds)
-    async with S3Client(settings) as s3:
-        return await Fetcher(settings, cache, s3).ensure(uri)
+    try:
+        async with S3Client(settings) as s3:
+            return await Fetcher(settings, cache, s3, flush_in_background=False).ensure(uri)
+    finally:
+        cache.close()
 
 
 def put_all(server: S3Server, bucket: str, objects: Mapping[str, bytes]) -> None:
@@ -158,14 +162,21 @@ def build_model(cache: Cache, uri: str, files: Mapping[str, bytes], *, etag: str
     planned = [PlannedFile(relpath=p, key=f"{model.key}/{p}" if model.is_prefix else model.key, size=len(d),
                            etag=etag) for p, d in files.items()]
     revision = compute_revision(planned)
-    staging = cache.reset_staging(model.model_id, revision)
+    build = Build(cache, model.model_id, revision)
+    build.create()
     entries = []
     for f in planned:
         data = files[f.relpath]
         tmp = cache.tmp_download_path(source_id(model.bucket, f.key, f.etag, f.size))
         tmp.write_bytes(data)
-        digest = xxhash.xxh3_128_hexdigest(data)
-        cache.adopt_file(tmp, digest=digest, size=len(data), staging=staging, relpath=f.relpath)
+        digest = digest_of(data)
+        build.adopt_file(tmp, digest=digest, size=len(data), relpath=f.relpath)
         entries.append(ManifestFile(path=f.relpath, size=len(data), xxh3_128=digest, key=f.key, etag=f.etag))
-    return cache.publish(uri=model, revision=revision, files=sorted(entries, key=lambda e: e.path),
-                         fetch_seconds=0.1)
+    return build.publish(uri=model, files=sorted(entries, key=lambda e: e.path), fetch_seconds=0.1)
+
+
+def digest_of(data: bytes) -> str:
+    """The cache's digest of some bytes (chunked xxh3-128), computed independently of agent.layout's hasher."""
+    chunk = 1024 * 1024
+    return xxhash.xxh3_128_hexdigest(b"".join(xxhash.xxh3_128_digest(data[i:i + chunk])
+                                              for i in range(0, len(data), chunk)))

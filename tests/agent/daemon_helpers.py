@@ -117,6 +117,11 @@ def s3_environment(moto_s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Serv
 # ----- the agent as a subprocess -------------------------------------------------------------------------------
 
 
+def control_socket_for(root: Path) -> Path:
+    """A test agent's control socket: outside its cache root, unique to it, and short enough for AF_UNIX."""
+    return root.parent / f"{root.name}-run" / "agent.sock"
+
+
 def agent_environment(*, s3: S3Server | None, root: Path, kubeconfig: Path | None = None,
                       endpoint_url: str | None = None, **extra: str) -> dict[str, str]:
     """Our environment minus any WEIGHTCACHE_*/AWS_*/KUBE* variables, plus a test agent's settings."""
@@ -129,6 +134,8 @@ def agent_environment(*, s3: S3Server | None, root: Path, kubeconfig: Path | Non
     env.update({
         "NODE_NAME": NODE,
         "WEIGHTCACHE_ROOT": str(root),
+        # Beside the root, never in it (pods mount the root), and one per test: not the shared default.
+        "WEIGHTCACHE_CONTROL_SOCKET": str(control_socket_for(root)),
         "WEIGHTCACHE_METRICS_HOST": "127.0.0.1",
         "WEIGHTCACHE_METRICS_PORT": str(free_port()),
         "WEIGHTCACHE_FILE_POLL_INTERVAL": "0.2",

@@ -1,6 +1,7 @@
-"""Tests for agent/cache.py: the on-disk layout, atomic publish, overlap rules, locks and start-up recovery.
+"""Tests for agent/cache.py, agent/publish.py and agent/maintenance.py: the on-disk layout, immutable builds,
+the pointer swap as the one commit point, overlap rules, locks, grace, durability and start-up recovery.
 
-No network: models are built through the same Cache calls the fetcher makes (stage, adopt, publish).
+No network: models are built through the same calls the fetcher makes (Build: create, adopt, publish).
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ from pathlib import Path
 import pytest
 import xxhash
 
+from agent import layout
 from agent.cache import Cache
 from agent.errors import OverlappingModelError
-from agent.manifest import ManifestFile, PlannedFile, compute_revision, hash_file
+from agent.layout import hash_file
+from agent.manifest import ManifestFile, PlannedFile, compute_revision
+from agent.publish import Build, journal_append, journal_read
 from agent.uris import parse_model_uri
 from tests.agent.conftest import build_model as build
+from tests.agent.conftest import digest_of
 
 
 @pytest.fixture
@@ -33,7 +38,7 @@ def test_published_prefix_model_is_a_relative_symlink_to_its_snapshot(cache: Cac
     pointer = cache.root / "models/s3/bkt/m"
     assert pointer.is_symlink()
     assert not os.path.isabs(os.readlink(pointer))
-    assert Path(os.path.realpath(pointer)) == cache.root / m.snapshot
+    assert Path(os.path.realpath(pointer)) == cache.root / m.snapshot / "data"
     assert (pointer / "d/b.bin").read_bytes() == b"BB"
 
 
@@ -53,8 +58,9 @@ def test_the_published_tree_resolves_inside_a_copy_of_the_root_mounted_elsewhere
 
 def test_nothing_is_visible_at_the_mirrored_path_before_publish(cache: Cache) -> None:
     model = parse_model_uri("s3://bkt/m/")
-    staging = cache.reset_staging(model.model_id, "rev1")
-    (staging / "a.txt").write_bytes(b"A")
+    b = Build(cache, model.model_id, "rev1")
+    b.create()
+    (b.data / "a.txt").write_bytes(b"A")
     assert not cache.mirrored_path(model).exists()
     assert not os.path.lexists(cache.mirrored_path(model))
     assert cache.lookup(model) is None
@@ -63,16 +69,18 @@ def test_nothing_is_visible_at_the_mirrored_path_before_publish(cache: Cache) ->
 def test_manifest_records_size_and_xxh3_128_of_every_file(cache: Cache) -> None:
     files = {"a.txt": b"A", "empty": b"", "d/b.bin": os.urandom(5000)}
     m = build(cache, "s3://bkt/m/", files)
-    on_disk = json.loads(cache.manifest_path(m.model_id).read_text())
+    on_disk = json.loads((cache.root / m.snapshot / "manifest.json").read_text())
     recorded = {f["path"]: (f["size"], f["xxh3_128"]) for f in on_disk["files"]}
-    assert recorded == {p: (len(d), xxhash.xxh3_128_hexdigest(d)) for p, d in files.items()}
+    assert recorded == {p: (len(d), digest_of(d)) for p, d in files.items()}
+    assert on_disk["version"] == 2 and on_disk["digest_scheme"] == "xxh3-128-chunked"
+    assert on_disk["boot_id"] == layout.current_boot_id() and "last_used" not in on_disk
     assert on_disk["total_bytes"] == sum(len(d) for d in files.values())
     assert on_disk["uri"] == "s3://bkt/m/"
 
 
 def test_files_are_read_only_hardlinks_of_content_addressed_blobs(cache: Cache) -> None:
     build(cache, "s3://bkt/m/", {"a.bin": b"same", "b.bin": b"same"})
-    blob = cache.blob_path(xxhash.xxh3_128_hexdigest(b"same"))
+    blob = cache.blob_path(digest_of(b"same"))
     assert blob.stat().st_nlink == 3  # the blob and two snapshot names
     assert blob.stat().st_mode & 0o222 == 0
     assert len(list(cache.blobs.iterdir())) == 1
@@ -88,7 +96,7 @@ def test_a_new_revision_is_published_beside_the_old_one(cache: Cache) -> None:
     old = build(cache, "s3://bkt/m/", {"a.txt": b"old"}, etag="e1")
     new = build(cache, "s3://bkt/m/", {"a.txt": b"new"}, etag="e2")
     assert old.revision != new.revision
-    assert (cache.root / old.snapshot / "a.txt").read_bytes() == b"old"
+    assert (cache.root / old.snapshot / "data/a.txt").read_bytes() == b"old"
     assert (cache.root / "models/s3/bkt/m/a.txt").read_bytes() == b"new"
 
 
@@ -126,21 +134,23 @@ def test_publishing_an_inner_model_never_writes_into_an_outer_one(cache: Cache) 
     inner = parse_model_uri("s3://bkt/m/config.json")
     planned = [PlannedFile(relpath="config.json", key="m/config.json", size=2, etag="e1")]
     revision = compute_revision(planned)
-    staging = cache.reset_staging(inner.model_id, revision)
+    b = Build(cache, inner.model_id, revision)
+    b.create()
     tmp = cache.tmp_download_path("inner")
     tmp.write_bytes(b"{}")
-    digest = xxhash.xxh3_128_hexdigest(b"{}")
-    cache.adopt_file(tmp, digest=digest, size=2, staging=staging, relpath="config.json")
+    digest = digest_of(b"{}")
+    b.adopt_file(tmp, digest=digest, size=2, relpath="config.json")
     outer = build(cache, "s3://bkt/m/", {"config.json": b"{}", "w.bin": b"weights"})
 
     with pytest.raises(OverlappingModelError, match="published meanwhile"):
-        cache.publish(uri=inner, revision=revision,
-                      files=[ManifestFile("config.json", 2, digest, "m/config.json", "e1")], fetch_seconds=0)
-    snap = cache.root / outer.snapshot
+        b.publish(uri=inner, files=[ManifestFile("config.json", 2, digest, "m/config.json", "e1")],
+                  fetch_seconds=0)
+    snap = cache.root / outer.snapshot / "data"
     assert not (snap / "config.json").is_symlink()
     assert (cache.root / "models/s3/bkt/m/config.json").read_bytes() == b"{}"
     assert sorted(p.name for p in snap.iterdir()) == ["config.json", "w.bin"]
     assert cache.read_manifest(inner.model_id) is None
+    assert cache.builds(inner.model_id) == [], "a build that could not be made live is gone"
 
 
 def test_removing_a_model_deletes_its_pointer_manifest_snapshots_and_unshared_blobs(cache: Cache) -> None:
@@ -172,7 +182,9 @@ async def test_old_revision_cleanup_leaves_the_model_directory_of_a_fetch_in_pro
         model_dir.mkdir()
         cache.remove_old_revisions(min_age_seconds=0)
         assert model_dir.is_dir()
-        cache.reset_staging("deadbeefdeadbeef", "rev1").rmdir()
+        b = Build(cache, "deadbeefdeadbeef", "rev1")
+        b.create()
+        b.discard()
     cache.remove_old_revisions(min_age_seconds=0)
     assert not model_dir.exists(), "an empty directory no fetch holds is still removed"
 
@@ -205,17 +217,36 @@ def test_missing_or_garbled_pins_mean_nothing_is_pinned(cache: Cache) -> None:
 
 def test_the_journal_ignores_a_torn_last_line(cache: Cache) -> None:
     entry = ManifestFile("a.bin", 3, "f" * 32, "m/a.bin", "e1")
-    cache.journal_append("mid", "rev", entry)
+    journal_append(cache, "mid", "rev", entry)
     with open(cache.journal_path("mid", "rev"), "a") as f:
         f.write('{"path": "b.bin", "si')
-    assert cache.journal_read("mid", "rev") == {"a.bin": entry}
+    assert journal_read(cache, "mid", "rev") == {"a.bin": entry}
 
 
-def test_hash_file_is_xxh3_128_of_the_bytes(tmp_path: Path) -> None:
+def test_the_journal_of_an_earlier_boot_is_not_trusted(cache: Cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal_append(cache, "mid", "rev", ManifestFile("a.bin", 3, "f" * 32, "m/a.bin", "e1"))
+    monkeypatch.setenv("WEIGHTCACHE_BOOT_ID", "another-boot")
+    assert journal_read(cache, "mid", "rev") == {}
+
+
+@pytest.mark.parametrize("size", [0, 1, 1024 * 1024 - 1, 1024 * 1024, 3 * 1024 * 1024 + 17])
+def test_the_file_digest_is_xxh3_128_over_the_xxh3_128_of_each_mib(tmp_path: Path, size: int) -> None:
     p = tmp_path / "f"
-    data = os.urandom(100_000)
+    data = os.urandom(size)
     p.write_bytes(data)
-    assert hash_file(p) == xxhash.xxh3_128_hexdigest(data)
+    chunks = [xxhash.xxh3_128_digest(data[i:i + 1024 * 1024]) for i in range(0, size, 1024 * 1024)]
+    assert hash_file(p) == xxhash.xxh3_128_hexdigest(b"".join(chunks))
+    assert hash_file(p, scheme="xxh3-128") == xxhash.xxh3_128_hexdigest(data)
+
+
+def test_the_chunked_hasher_gives_the_same_digest_however_the_bytes_are_split() -> None:
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    whole = layout.ChunkedHasher()
+    whole.update(data)
+    pieces = layout.ChunkedHasher()
+    for i in range(0, len(data), 300_001):
+        pieces.update(memoryview(data)[i:i + 300_001])
+    assert layout.combine_chunk_digests(whole.finish()) == layout.combine_chunk_digests(pieces.finish())
 
 
 def test_the_revision_changes_with_any_name_size_or_etag() -> None:
@@ -253,18 +284,26 @@ async def test_the_model_lock_excludes_a_second_holder(cache: Cache) -> None:
 
 
 def test_recovery_removes_a_leftover_staging_directory(cache: Cache) -> None:
-    staging = cache.reset_staging("deadbeefdeadbeef", "rev1")
-    (staging / "half.bin").write_bytes(b"half")
-    stats = cache.recover(orphan_max_age_seconds=3600)
+    b = Build(cache, "deadbeefdeadbeef", "rev1")
+    b.create()
+    (b.data / "half.bin").write_bytes(b"half")
+    stats = Cache(cache.root).recover(orphan_max_age_seconds=3600)
     assert stats["staging_dirs"] == 1
-    assert not staging.exists()
+    assert not b.staging.exists()
 
 
-async def test_recovery_keeps_the_staging_directory_of_a_fetch_in_progress(cache: Cache) -> None:
-    staging = cache.reset_staging("deadbeefdeadbeef", "rev1")
-    async with cache.model_lock("deadbeefdeadbeef"):
-        cache.recover(orphan_max_age_seconds=3600)
-        assert staging.exists()
+def test_recovery_keeps_what_another_working_process_builds(cache: Cache) -> None:
+    worker = Cache(cache.root)
+    worker.join_activity()  # as every fetch does before it builds
+    b = Build(worker, "deadbeefdeadbeef", "rev1")
+    b.create()
+    (cache.tmp / "junk-dir").mkdir()
+    stats = Cache(cache.root).recover(orphan_max_age_seconds=0)
+    assert b.staging.exists() and (cache.tmp / "junk-dir").exists()
+    assert not any(stats.values())
+    worker.close()
+    Cache(cache.root).recover(orphan_max_age_seconds=3600)
+    assert not b.staging.exists() and not (cache.tmp / "junk-dir").exists()
 
 
 def test_recovery_removes_a_dangling_pointer(cache: Cache) -> None:
@@ -276,11 +315,10 @@ def test_recovery_removes_a_dangling_pointer(cache: Cache) -> None:
     assert not os.path.lexists(pointer)
 
 
-def test_recovery_removes_a_pointer_whose_manifest_is_gone(cache: Cache) -> None:
+def test_a_build_whose_manifest_is_gone_is_not_served(cache: Cache) -> None:
     m = build(cache, "s3://bkt/m/", {"a.txt": b"A"})
-    cache.manifest_path(m.model_id).unlink()
-    cache.recover(orphan_max_age_seconds=3600)
-    assert not os.path.lexists(cache.root / "models/s3/bkt/m")
+    (cache.root / m.snapshot / "manifest.json").unlink()
+    assert cache.lookup(parse_model_uri("s3://bkt/m/")) is None
 
 
 def test_recovery_removes_a_stray_temporary_link(cache: Cache) -> None:
@@ -295,7 +333,7 @@ def test_recovery_keeps_recent_partial_downloads_for_resume(cache: Cache) -> Non
     tmp = cache.tmp_download_path("abc")
     tmp.write_bytes(b"partial")
     record = tmp.with_suffix(".parts")
-    record.write_text("weightcache-parts v1 size=7 part=1048576\n")
+    record.write_text(f"weightcache-parts v2 size=7 part=1048576 boot={layout.current_boot_id()}\n")
     cache.recover(orphan_max_age_seconds=3600)
     assert tmp.exists() and record.exists()
 
@@ -311,6 +349,6 @@ def test_recovery_deletes_partial_downloads_older_than_the_age_limit(cache: Cach
 
 def test_recovery_leaves_a_ready_model_untouched(cache: Cache) -> None:
     build(cache, "s3://bkt/m/", {"a.txt": b"A"})
-    assert cache.recover(orphan_max_age_seconds=3600) == {
-        "dangling_pointers": 0, "staging_dirs": 0, "stale_tmp": 0, "stray_links": 0}
+    cache.recover(orphan_max_age_seconds=3600)  # the first recovery of a boot records the boot
+    assert not any(cache.recover(orphan_max_age_seconds=3600).values())
     assert (cache.root / "models/s3/bkt/m/a.txt").read_bytes() == b"A"

@@ -140,6 +140,9 @@ def test_help_shows_every_flag_with_its_env_name_and_default() -> None:
     assert "default: 9400" in text
 
 
-def test_the_control_socket_lives_inside_the_cache_root() -> None:
+def test_the_control_socket_lives_outside_the_cache_root() -> None:
     s = load_settings(env={"WEIGHTCACHE_ROOT": "/c"})
-    assert s.control_socket.is_relative_to(Path("/c"))
+    assert s.control_socket == Path("/run/weightcache/agent.sock")
+    assert load_settings(env={"WEIGHTCACHE_CONTROL_SOCKET": "/s/a.sock"}).control_socket == Path("/s/a.sock")
+    with pytest.raises(ConfigError, match="outside the cache root"):
+        load_settings(env={"WEIGHTCACHE_ROOT": "/c", "WEIGHTCACHE_CONTROL_SOCKET": "/c/.control/agent.sock"})

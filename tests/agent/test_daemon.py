@@ -1,7 +1,8 @@
 """The agent daemon end to end: ``python -m agent run`` as a real subprocess, a fake Kubernetes API server over
 real HTTP (``FakeKube``), and a real S3 server (moto). Each test is one behaviour a cluster operator relies on:
 Events and metrics, pins and eviction, surviving 410s and API-server restarts, the readiness gate, the startup
-taint, node labels, policy, malformed annotations, SIGTERM and resume, event aggregation, the control socket.
+taint (also when the node cannot be read at start), node labels, policy, malformed annotations, SIGTERM and
+resume, event aggregation, the control socket (outside the cache root).
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def test_a_second_pod_on_a_cached_model_is_a_hit_and_its_event_is_fast(cluster: 
 
 
 def test_a_deleted_pods_model_is_unpinned_and_then_evictable(cluster: Cluster) -> None:
-    agent = cluster.start()
+    # `gc` is another process: the agent learns of its eviction at the periodic resync (30 s by default).
+    agent = cluster.start(WEIGHTCACHE_NODE_RESYNC_SECONDS="1")
     uri = cluster.uri("m1/")
     cluster.kube.add_pod(pod_manifest("p1", uri))
     cluster.wait_event("p1", "WeightsReady", agent)
@@ -290,6 +292,34 @@ def test_the_startup_taint_goes_at_the_warm_deadline_with_a_warning(cluster: Clu
     assert "warmDeadlineSeconds" in warning["message"]
 
 
+def test_node_reads_failing_at_start_are_a_warning_and_the_taint_still_goes(cluster: Cluster) -> None:
+    _warm_node(cluster.kube)
+    policy = cluster.tmp / "policy.yaml"
+    policy.write_text(f"allow: [s3://{cluster.bucket}/]\nwarm:\n"
+                      f"  - nodeSelector: {{node.kubernetes.io/instance-type: p5.48xlarge}}\n"
+                      f"    models: [{cluster.uri('m1/')}]\n")
+    cluster.kube.fail_next(503, method="GET", path=f"^/api/v1/nodes/{NODE}$", times=100_000)
+    agent = cluster.start(WEIGHTCACHE_POLICY_FILE=str(policy))
+
+    warning = wait_until(lambda: events_for(cluster.kube, NODE, "WarmSetUnresolved"),
+                         what="a Warning event: the warm set cannot be resolved", agent=agent)[0]
+    assert warning["type"] == "Warning" and "HTTP 503" in warning["message"], warning
+    wait_until(lambda: agent.metric("weightcache_warm_set_unresolved") == 1, what="the unresolved gauge at 1",
+               agent=agent)
+    wait_until(lambda: FakeKube.event_count(events_for(cluster.kube, NODE, "WarmSetUnresolved")[0]) >= 3,
+               what="retries, each one counted on the same Event", agent=agent)
+    assert STARTUP_TAINT["key"] in [t["key"] for t in _taints(cluster.kube)], "never assumed untainted"
+
+    cluster.kube.clear_failures()  # the API answers again
+    wait_until(lambda: all(t["key"] != STARTUP_TAINT["key"] for t in _taints(cluster.kube)),
+               what="the startup taint removed", agent=agent)
+    assert cluster.model_path("m1").is_dir(), "the warm set was resolved after all, and fetched first"
+    assert [t["key"] for t in _taints(cluster.kube)] == ["gpu"]
+    assert agent.metric("weightcache_warm_set_unresolved") == 0
+    assert len(events_for(cluster.kube, NODE, "WarmSetUnresolved")) == 1, "repeats aggregate, no flood"
+    assert agent.metric("weightcache_node_api_errors_total", op="read") >= 3
+
+
 # ----- node labels ------------------------------------------------------------------------------------------------
 
 
@@ -373,7 +403,7 @@ def test_malformed_annotations_get_warnings_and_the_agent_stays_healthy(cluster:
     cluster.kube.add_pod(pod_manifest("good", cluster.uri("m2/")))
     cluster.wait_event("good", "WeightsReady", agent)
     assert agent.get("/healthz")[0] == 200 and agent.get("/readyz")[0] == 200
-    assert entries_outside(cluster.tmp, {"cache", "kubeconfig", "agent.log"}) == []
+    assert entries_outside(cluster.tmp, {"cache", "cache-run", "kubeconfig", "agent.log"}) == []
     assert escaping_links(cluster.root) == []
     assert sorted(p.name for p in (cluster.root / "models" / "s3").iterdir()) == [cluster.bucket]
 
@@ -398,6 +428,7 @@ def test_sigterm_during_a_fetch_exits_cleanly_and_the_fetch_resumes(cluster: Clu
         assert agent.terminate(timeout=10) == 0, agent.log_tail()
         assert time.monotonic() - started < 5 + 2, "exits within the shutdown grace period"
         assert "stopped" in agent.log_text()
+        assert not Path(agent.env["WEIGHTCACHE_CONTROL_SOCKET"]).exists(), "no stale control socket left behind"
     finally:
         proxy.stop()
 
@@ -435,7 +466,9 @@ def test_the_daemon_serves_models_and_a_private_control_socket(cluster: Cluster)
     models = {m["uri"]: m for m in json.loads(body)["models"]}
     assert status == 200 and models[cluster.uri("m1/")]["state"] == "ready"
     assert models[cluster.uri("m1/")]["pinned"] is True and models[cluster.uri("m1/")]["bytes"] == 13 + 3072
-    sock = cluster.root / ".control" / "agent.sock"
+    sock = Path(agent.env["WEIGHTCACHE_CONTROL_SOCKET"])
+    assert not sock.is_relative_to(cluster.root), "inference pods mount the root: the socket lives elsewhere"
+    assert not [p for p in cluster.root.rglob("*") if p.is_socket()], "no socket anywhere under the root"
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600 and stat.S_ISSOCK(sock.stat().st_mode)
     assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
 

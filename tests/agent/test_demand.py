@@ -1,6 +1,7 @@
 """``agent.demand.Reconciler`` in-process: a real cache, a real Fetcher on a real S3 server (moto), and a Reporter
-that records what the pods and the node are told. Hit/miss counting, one fetch per model, pins, failures and
-retries, rejections, policy changes, the warm set — and malformed annotations fuzzed with hypothesis.
+that records what the pods and the node are told. Hit/miss counting, one fetch per model, pins (and reading them
+from threads), failures and retries, rejections, policy changes, the warm set, the node's ready-model labels
+following publish and evict signals rather than polling — and malformed annotations fuzzed with hypothesis.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -252,6 +254,56 @@ async def test_the_warm_set_is_fetched_and_waited_for(world: World, bucket: str)
     started = time.monotonic()
     assert await world.reconciler.wait_ready(missing, timeout=0.5) is False
     assert time.monotonic() - started < 3
+
+
+# ----- the node's ready-model labels ------------------------------------------------------------------------------
+
+
+async def test_a_fetched_model_reaches_the_node_at_once(world: World, bucket: str) -> None:
+    uri = f"s3://{bucket}/m2.bin"
+    await eventually(lambda: world.reporter.ready_models == [[]], what="the node's first report")
+    await world.reconciler.upsert(pod("p", uri))
+    await eventually(lambda: world.reporter.ready_models[-1:] == [[uri]], timeout=5,
+                     what="the node told, long before the periodic resync")
+
+
+async def test_the_node_follows_signals_not_polling(world: World, bucket: str) -> None:
+    """A model published behind the agent's back (another process) waits for a signal or the slow resync."""
+    uri = f"s3://{bucket}/m1/"
+    await eventually(lambda: world.reporter.ready_models == [[]], what="the node's first report")
+    async with S3Client(world.settings) as s3:  # a `weightcache-agent prefetch` in another process
+        await Fetcher(world.settings, Cache(world.cache.root), s3).ensure(uri)
+    await asyncio.sleep(1.5)
+    assert world.reporter.ready_models == [[]], "the cache is not polled"
+    world.reconciler.cache_changed()  # what the control socket's prefetch/evict and a finished fetch do
+    await eventually(lambda: world.reporter.ready_models[-1:] == [[uri]], timeout=5, what="the node told")
+
+
+async def test_pinned_models_can_be_read_from_threads_while_pods_come_and_go(world: World, bucket: str) -> None:
+    """Eviction reads the pinned set from worker threads; the loop changes it all the time meanwhile."""
+    stop, errors, reads = threading.Event(), [], [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                world.reconciler.pinned_model_ids()
+                reads[0] += 1
+            except RuntimeError as e:  # "dictionary changed size during iteration"
+                errors.append(e)
+            time.sleep(0)  # hand the GIL back: a hot loop would starve the event loop, not test it
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        for i in range(100):
+            p = pod(f"churn-{i}", f"s3://{bucket}/m1/ s3://{bucket}/m2.bin")
+            await world.reconciler.upsert(p)
+            await world.reconciler.delete(p.uid)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert errors == [] and reads[0] > 0
+    assert world.reconciler.pinned_model_ids() == set() == world.pins()
 
 
 # ----- malformed annotations, fuzzed ---------------------------------------------------------------------------------

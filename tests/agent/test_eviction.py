@@ -6,7 +6,6 @@ through the fetcher, as `prefetch` does.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from tests.fixtures.s3servers import S3Server
 
 def used_at(cache: Cache, m: Manifest, when: str) -> None:
     """Record a last use at a chosen time, so LRU order does not depend on the clock."""
-    cache.write_manifest(dataclasses.replace(m, last_used=when))
+    (cache.state / "used" / m.model_id).write_text(when)
 
 
 @pytest.fixture
@@ -197,4 +196,4 @@ async def test_a_model_larger_than_the_budget_fails_and_leaves_nothing_behind(
     root = settings.cache_dir
     assert not os.path.lexists(root / f"models/s3/{rbucket}/big")
     assert blob_files(root) == [] and leftover_downloads(root) == [] and staging_dirs(root) == []
-    assert list((root / "snapshots").iterdir()) == [] and list((root / "manifests").iterdir()) == []
+    assert list((root / "snapshots").iterdir()) == []

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import xxhash
 
 from agent.cache import Cache
 from agent.errors import (
@@ -31,6 +30,7 @@ from tests.agent.conftest import (
     MiB,
     agent_cmd,
     agent_env,
+    digest_of,
     fetch,
     leftover_downloads,
     make_settings,
@@ -124,14 +124,15 @@ async def test_objects_beside_the_prefix_are_not_part_of_the_model(
     assert not mirrored(settings.cache_dir, bucket, "mx").exists()
 
 
-async def test_the_manifest_records_the_xxh3_128_of_every_file(
+async def test_the_manifest_records_the_chunked_xxh3_128_of_every_file(
         edge_model: str, bucket: str, tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "root")
     result = await fetch(settings, edge_model)
     manifest = Cache(settings.cache_dir).read_manifest(result.model_id)
     assert manifest is not None
     assert {f.path: (f.size, f.xxh3_128) for f in manifest.files} == {
-        p: (len(d), xxhash.xxh3_128_hexdigest(d)) for p, d in EDGE_MODEL.items()}
+        p: (len(d), digest_of(d)) for p, d in EDGE_MODEL.items()}
+    assert manifest.digest_scheme == "xxh3-128-chunked" and manifest.chunk_size == MiB
     assert manifest.total_bytes == result.total_bytes == sum(map(len, EDGE_MODEL.values()))
 
 
@@ -205,7 +206,8 @@ async def test_a_changed_object_is_published_as_a_new_revision_beside_the_old(
     second = await fetch(settings, f"s3://{bucket}/m/")
     assert second.revision != first.revision
     snapshots = settings.cache_dir / "snapshots" / first.model_id
-    assert sorted(p.name for p in snapshots.iterdir()) == sorted([first.revision, second.revision])
+    builds = sorted(p.name.split(".")[0] for p in snapshots.iterdir() if p.is_dir())
+    assert builds == sorted([first.revision, second.revision])
     assert read_tree(second.path) == {**two_file_model, "config.json": b'{"v": 2}'}
 
 
@@ -395,7 +397,8 @@ def rclone_bucket(rclone_s3: S3Server) -> Iterator[str]:
 def finished_parts(root: Path) -> tuple[int, int]:
     """Parts recorded as finished in the ``.parts`` records of downloads in progress, and their bytes.
 
-    The bytes come from each record's header (``size=… part=…``): a file's last part is usually shorter.
+    The bytes come from each record's header (``size=… part=…``): a file's last part is usually shorter. Each
+    line is ``<index> <chunk digests>``.
     """
     count = nbytes = 0
     for record in (root / "tmp").glob("*.parts") if (root / "tmp").exists() else []:
@@ -406,9 +409,10 @@ def finished_parts(root: Path) -> tuple[int, int]:
         fields = dict(kv.split("=", 1) for kv in header.split() if "=" in kv)
         size, part = int(fields["size"]), int(fields["part"])
         for line in lines:
-            if line.isdigit():
+            index = line.split(" ", 1)[0]
+            if index.isdigit():
                 count += 1
-                nbytes += min(part, size - int(line) * part)
+                nbytes += min(part, size - int(index) * part)
     return count, nbytes
 
 

@@ -1,12 +1,23 @@
 """``agent.http``: the read-only API on the metrics port and the control API on a private Unix socket, served by
 real aiohttp servers over a real cache and fetcher (moto behind it), reached with real clients.
+
+The control socket's defences are tested the way an attacker would meet them: a forked child that drops to
+another uid (these tests run as root) and tries to connect, with the socket's directory private and with it
+opened up by mistake (then SO_PEERCRED refuses); and a child whose whole filesystem is the cache root (what an
+inference pod mounts), which cannot even name the socket, root or not.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import os
+import shutil
+import socket
 import stat
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +28,7 @@ import pytest
 from agent import metrics
 from agent.cache import Cache
 from agent.config import AgentSettings, load_settings
+from agent.errors import ConfigError
 from agent.fetch import Fetcher
 from agent.http import StatusApi, start_servers
 from agent.s3 import S3Client
@@ -46,6 +58,7 @@ class Served:
     ready: bool = False
     pinned: set[str] = field(default_factory=set)
     live: list[dict[str, Any]] = field(default_factory=list)
+    cache_changes: int = 0  # how often the API told the daemon that the ready models may have changed
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -56,11 +69,27 @@ class Served:
             return {m["uri"]: m for m in (await r.json())["models"]}
 
 
+NOBODY = 65534
+
+
 @pytest.fixture
-async def served(s3_environment: S3Server, models_bucket: str, tmp_path: Path) -> AsyncIterator[Served]:
+def run_dir() -> Iterator[Path]:
+    """Where the socket's directory goes: under /tmp, world-traversable like /run, so that only the socket's own
+    directory can stop another uid (pytest's tmp_path sits below 0700 directories, which would stop it first)."""
+    base = Path(tempfile.mkdtemp(prefix="wc-run-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+async def served(s3_environment: S3Server, models_bucket: str, tmp_path: Path, run_dir: Path) -> AsyncIterator[Served]:
     s3_environment.put(models_bucket, "m1/weights.bin", b"w" * 4000)
     s3_environment.put(models_bucket, "m2.bin", b"2" * 1000)
-    settings = load_settings(env={}, cache_dir=tmp_path / "cache", min_free_bytes=0, min_part_size=MiB)
+    settings = load_settings(env={}, cache_dir=tmp_path / "cache", min_free_bytes=0, min_part_size=MiB,
+                             control_socket=run_dir / "weightcache" / "agent.sock")
     cache = Cache(settings.cache_dir)
     cache.recover(orphan_max_age_seconds=settings.orphan_max_age_seconds)
     port = free_port()
@@ -68,7 +97,8 @@ async def served(s3_environment: S3Server, models_bucket: str, tmp_path: Path) -
         fetcher = Fetcher(settings, cache, s3)
         holder: list[Served] = []
         api = StatusApi(cache=cache, fetcher=fetcher, ready=lambda: holder[0].ready,
-                        models_status=lambda: holder[0].live, pinned=lambda: holder[0].pinned)
+                        models_status=lambda: holder[0].live, pinned=lambda: holder[0].pinned,
+                        on_cache_change=lambda: setattr(holder[0], "cache_changes", holder[0].cache_changes + 1))
         runners = await start_servers(api, host="127.0.0.1", port=port, socket_path=settings.control_socket)
         try:
             async with aiohttp.ClientSession() as http, aiohttp.ClientSession(
@@ -131,18 +161,18 @@ async def test_the_network_port_changes_nothing(served: Served) -> None:
 # ----- control, on the Unix socket --------------------------------------------------------------------------------
 
 
-async def test_the_control_socket_is_private_to_the_agents_user(served: Served) -> None:
+async def test_the_control_socket_is_private_and_outside_the_cache_root(served: Served) -> None:
     sock = served.settings.control_socket
-    assert sock.is_relative_to(served.cache.root)
+    assert not sock.is_relative_to(served.cache.root), "pods mount the root: the socket must not be in it"
     assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
     assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
 
 
 async def test_a_stale_socket_file_from_a_previous_run_is_replaced(tmp_path: Path) -> None:
-    sock = tmp_path / ".control" / "agent.sock"
+    sock = tmp_path / "run" / "agent.sock"
     sock.parent.mkdir(mode=0o755)
     sock.write_text("left over")
-    api = StatusApi(cache=Cache(tmp_path), fetcher=None,  # type: ignore[arg-type] - never reached here
+    api = StatusApi(cache=Cache(tmp_path / "cache"), fetcher=None,  # type: ignore[arg-type] - never reached
                     ready=lambda: True, models_status=list, pinned=set)
     runners = await start_servers(api, host="127.0.0.1", port=0, socket_path=sock)
     try:
@@ -153,6 +183,127 @@ async def test_a_stale_socket_file_from_a_previous_run_is_replaced(tmp_path: Pat
             await r.cleanup()
 
 
+async def test_a_socket_directory_that_another_user_owns_is_refused(run_dir: Path, tmp_path: Path) -> None:
+    directory = run_dir / "weightcache"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, NOBODY, NOBODY)  # whoever owns it could swap the socket under the agent
+    api = StatusApi(cache=Cache(tmp_path / "cache"), fetcher=None,  # type: ignore[arg-type] - never reached
+                    ready=lambda: True, models_status=list, pinned=set)
+    with pytest.raises(ConfigError, match=f"belongs to uid {NOBODY}"):
+        await start_servers(api, host="127.0.0.1", port=0, socket_path=directory / "agent.sock")
+
+
+async def test_a_second_agent_never_takes_over_a_live_control_socket(served: Served, tmp_path: Path) -> None:
+    api = StatusApi(cache=Cache(tmp_path / "cache"), fetcher=None,  # type: ignore[arg-type] - never reached
+                    ready=lambda: True, models_status=list, pinned=set)
+    with pytest.raises(ConfigError, match="another agent is serving"):
+        await start_servers(api, host="127.0.0.1", port=0, socket_path=served.settings.control_socket)
+    async with served.control.get("http://agent/v1/models") as r:
+        assert r.status == 200, "the first agent still owns its socket"
+
+
+# ----- the control socket against other callers ----------------------------------------------------------------
+
+
+def in_child(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``body`` in a forked child (which may drop privileges for good) and return what it returned."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(r)
+            try:
+                out = body()
+            except BaseException as e:  # noqa: BLE001 - reported to the parent, which asserts on it
+                out = {"error": type(e).__name__, "detail": str(e)}
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    result: dict[str, Any] = json.loads(data or b'{"error": "child wrote nothing"}')
+    return result
+
+
+def become_nobody() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+def try_control(sock_path: str) -> dict[str, Any]:
+    """Connect and ask for /v1/models over raw HTTP/1.1: how far does this caller get?"""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.connect(sock_path)
+    except OSError as e:
+        return {"uid": os.getuid(), "connect": type(e).__name__}
+    with s:
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return {"uid": os.getuid(), "connect": "connected", "status": int(reply.split(b" ", 2)[1]),
+            "body": reply.split(b"\r\n\r\n", 1)[-1].decode(errors="replace")}
+
+
+def refused() -> float:
+    return metrics.CONTROL_REQUESTS.labels(result="refused")._value.get()
+
+
+async def test_another_uid_cannot_connect_to_the_control_socket(served: Served) -> None:
+    sock = str(served.settings.control_socket)
+
+    def probe() -> dict[str, Any]:
+        become_nobody()
+        return {**try_control(sock), "parent_listable": bool(os.listdir(Path(sock).parent.parent))}
+
+    seen = await asyncio.to_thread(in_child, probe)
+    assert seen["uid"] == NOBODY and seen["parent_listable"], seen
+    assert seen["connect"] == "PermissionError", seen
+
+
+async def test_another_uid_is_refused_even_when_the_socket_is_opened_up(served: Served) -> None:
+    sock = served.settings.control_socket
+    os.chmod(sock.parent, 0o755)  # a mistake on the node: modes no longer protect the socket...
+    os.chmod(sock, 0o666)
+    before = refused()
+
+    seen = await asyncio.to_thread(in_child, lambda: (become_nobody(), try_control(str(sock)))[1])
+    assert seen["connect"] == "connected", seen
+    assert seen["status"] == 403 and f"uid {NOBODY}" in seen["body"], seen  # ...SO_PEERCRED still does
+    assert refused() == before + 1
+
+
+async def test_a_process_that_sees_only_the_cache_root_cannot_reach_the_socket(served: Served) -> None:
+    """What an inference pod mounts is the cache root: from there, no socket is reachable, root or not."""
+    await served.fetcher.ensure(served.uri("m2.bin"))  # something in the root to look at
+    root, sock = str(served.cache.root), str(served.settings.control_socket)
+
+    def probe() -> dict[str, Any]:
+        os.chroot(root)
+        os.chdir("/")
+        sockets = [os.path.join(d, n) for d, dirs, files in os.walk("/") for n in dirs + files
+                   if stat.S_ISSOCK(os.lstat(os.path.join(d, n)).st_mode)]
+        return {"sockets": sockets, "entries": sorted(os.listdir("/")), **try_control(sock)}
+
+    seen = await asyncio.to_thread(in_child, probe)
+    assert "models" in seen["entries"], seen
+    assert seen["sockets"] == [], "no socket anywhere under the cache root"
+    assert seen["connect"] == "FileNotFoundError", seen
+
+
+async def test_every_control_call_is_logged_with_its_caller(served: Served,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="agent.http"):
+        async with served.control.get("http://agent/v1/models") as r:
+            assert r.status == 200
+    assert f"GET /v1/models from pid={os.getpid()} uid={os.geteuid()} gid={os.getegid()}" in caplog.text
+
+
 async def test_prefetch_through_the_socket_makes_models_ready(served: Served) -> None:
     async with served.control.post("http://agent/v1/prefetch",
                                    json={"uris": [served.uri("m1/"), served.uri("m2.bin")]}) as r:
@@ -160,6 +311,7 @@ async def test_prefetch_through_the_socket_makes_models_ready(served: Served) ->
         results = {x["uri"]: x for x in (await r.json())["results"]}
     assert results[served.uri("m2.bin")]["ok"] and results[served.uri("m2.bin")]["bytes"] == 1000
     assert Path(results[served.uri("m1/")]["path"], "weights.bin").read_bytes() == b"w" * 4000
+    assert served.cache_changes == 1, "the node's labels follow a prefetch at once"
 
 
 async def test_prefetch_reports_each_failure_with_its_reason(served: Served) -> None:
@@ -179,13 +331,14 @@ async def test_a_bad_prefetch_request_is_a_400(served: Served, body: bytes) -> N
         assert r.status == 400, await r.text()
 
 
-async def test_evict_removes_an_unpinned_model(served: Served) -> None:
+async def test_evict_removes_an_unpinned_model_and_says_the_ready_set_changed(served: Served) -> None:
     await served.fetcher.ensure(served.uri("m2.bin"))
     evictions = metrics.EVICTIONS._value.get()
     async with served.control.post("http://agent/v1/evict", json={"uri": served.uri("m2.bin")}) as r:
         assert r.status == 200 and (await r.json())["freed_bytes"] >= 1000
     assert served.cache.lookup(parse_model_uri(served.uri("m2.bin"))) is None
     assert metrics.EVICTIONS._value.get() == evictions + 1
+    assert served.cache_changes == 1, "the node's labels follow an eviction at once"
     async with served.control.post("http://agent/v1/evict", json={"uri": served.uri("m2.bin")}) as r:
         assert r.status == 404, "already gone"
 

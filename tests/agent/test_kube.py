@@ -1,6 +1,7 @@
 """``agent.kube`` in-process against a fake API server over real HTTP: LIST then WATCH with bookmarks, resuming
-after a server-side end, relisting after 410 Gone, reconnecting after downtime; and the reporter's writes:
-aggregated Events, the readiness-gate condition, node labels and annotation, the startup taint.
+after a server-side end or a silent stream, relisting after 410 Gone, reconnecting after downtime; and the
+reporter's writes: aggregated Events, the readiness-gate condition (its transition time), node labels and
+annotation, the startup taint — removed however often the API fails, never dropping another actor's taint.
 """
 
 from __future__ import annotations
@@ -33,13 +34,21 @@ from tests.fixtures.fakekube import FakeKube
 pytest_plugins = ["tests.agent.daemon_helpers"]
 
 
-@pytest.fixture
-def api(kube: FakeKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KubeApi:
+def make_api(kube: FakeKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: Any) -> KubeApi:
     """A KubeApi for node-a, configured the way the daemon is outside a cluster: through KUBECONFIG."""
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(kube.write_kubeconfig(tmp_path / "kubeconfig")))
-    return KubeApi(load_settings(env={}, node_name=NODE, cache_dir=tmp_path / "cache", connect_timeout=2.0,
-                                 read_timeout=5.0, inactivity_timeout_seconds=10.0))
+    values: dict[str, Any] = {"node_name": NODE, "cache_dir": tmp_path / "cache", "connect_timeout": 2.0,
+                              "read_timeout": 5.0, "inactivity_timeout_seconds": 10.0,
+                              "control_socket": tmp_path / "run" / "agent.sock",
+                              "reconnect_max_delay": 0.05}  # node retries back off, but briefly here
+    values.update(overrides)
+    return KubeApi(load_settings(env={}, **values))
+
+
+@pytest.fixture
+def api(kube: FakeKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KubeApi:
+    return make_api(kube, tmp_path, monkeypatch)
 
 
 async def eventually(predicate: Callable[[], Any], *, timeout: float = 10.0, what: str) -> Any:
@@ -142,6 +151,29 @@ async def test_a_410_gone_relists_and_counts_a_reconnect(api: KubeApi, kube: Fak
     assert _reconnects("expired") == expired_before + 1
 
 
+@pytest.mark.parametrize("kube", [0.2], indirect=True)
+async def test_a_silent_watch_is_resumed_from_its_last_version_not_relisted(
+        kube: FakeKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    api = make_api(kube, tmp_path, monkeypatch, inactivity_timeout_seconds=1.5)
+    rec = Recorder()
+    inactive, errors = _reconnects("inactive"), _reconnects("error")
+    async with watching(api, rec):
+        await eventually(lambda: rec.lists, what="the initial listing")
+        await asyncio.to_thread(kube.wait_for_watches, 1)
+        kube.add_pod(pod_manifest("before", "s3://b/m/"))
+        await eventually(lambda: ("ADDED", "before") in rec.events, what="an event before the silence")
+        seen = kube.resource_version
+        assert kube.silence_watches() == 1
+        kube.add_pod(pod_manifest("during", "s3://b/m/"))  # lost in the silent stream
+        await eventually(lambda: ("ADDED", "during") in rec.events, what="the change made during the silence")
+    resumed = _requests(kube, watch=True)[1]
+    assert int(resumed["resourceVersion"]) >= int(seen), "resumed from the last version it had seen"
+    assert len(_requests(kube, watch=False)) == 1 and rec.lists == [[]], "a silent stream is not a relist"
+    assert _reconnects("inactive") == inactive + 1
+    assert _reconnects("error") == errors, "silence is not counted as an error"
+    assert rec.events.count(("ADDED", "before")) == 1, "nothing replayed twice"
+
+
 async def test_an_api_server_outage_is_retried_until_it_returns(api: KubeApi, kube: FakeKube) -> None:
     kube.add_pod(pod_manifest("p1", "s3://b/m/"))
     rec = Recorder()
@@ -224,6 +256,39 @@ async def test_the_readiness_condition_is_patched_into_the_pod_status(api: KubeA
     assert conditions[0]["status"] == "True" and conditions[0]["reason"] == "WeightsReady"
 
 
+async def test_the_gate_transition_time_moves_only_when_the_status_changes(api: KubeApi, kube: FakeKube,
+                                                                          pod: PodInfo) -> None:
+    long_ago = "2020-01-01T00:00:00Z"
+
+    def condition() -> dict[str, Any]:
+        (c,) = [c for c in kube.get_pod("default", "p1")["status"]["conditions"] if c["type"] == GATE]
+        return dict(c)
+
+    def age(pod_obj: dict[str, Any]) -> None:
+        for c in pod_obj["status"]["conditions"]:
+            if c["type"] == GATE:
+                c["lastTransitionTime"] = long_ago
+
+    def age_it() -> None:  # as if the last transition happened long ago
+        kube.update_pod("default", "p1", age)
+
+    reporter = KubeReporter(api)
+    await reporter.pod_condition(pod, ready=False, reason="WeightsFetching", message="0/1 model(s) ready")
+    assert condition()["lastTransitionTime"] != long_ago
+    age_it()
+    await reporter.pod_condition(pod, ready=False, reason="WeightsFailed", message="s3://b/m/: NotFound")
+    assert (condition()["reason"], condition()["lastTransitionTime"]) == ("WeightsFailed", long_ago), \
+        "a new reason with the same status is not a transition"
+    await reporter.pod_condition(pod, ready=True, reason="WeightsReady", message="1 model(s) ready")
+    assert condition()["status"] == "True" and condition()["lastTransitionTime"] != long_ago
+    age_it()
+    restarted = KubeReporter(api)  # a new agent process: it learns the status from the pod itself
+    await restarted.pod_condition(pod_from_dict(kube.get_pod("default", "p1")), ready=True, reason="WeightsReady",
+                                  message="1 model(s) ready, checked again")
+    assert (condition()["message"], condition()["lastTransitionTime"]) == ("1 model(s) ready, checked again",
+                                                                            long_ago)
+
+
 async def test_node_labels_follow_the_ready_models(api: KubeApi, kube: FakeKube) -> None:
     stale = label_key_for("s3://b/from-a-previous-run/")
     kube.update_node(NODE, {"metadata": {"labels": {stale: "ready"}}})
@@ -266,3 +331,78 @@ async def test_a_node_event_is_posted_about_the_node(api: KubeApi, kube: FakeKub
     assert event["involvedObject"]["uid"] == kube.get_node(NODE)["metadata"]["uid"]
     assert event["type"] == "Warning"
 
+
+
+# ----- the startup taint, safely -----------------------------------------------------------------------------------
+
+OTHER_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+AUTOSCALER_TAINT = {"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"}
+NODE_PATH = f"^/api/v1/nodes/{NODE}$"
+
+
+def _taint_node(kube: FakeKube) -> None:
+    kube.update_node(NODE, lambda n: n["spec"].update(taints=[dict(STARTUP_TAINT), dict(OTHER_TAINT)]))
+
+
+def _node_requests(kube: FakeKube, method: str) -> int:
+    return sum(1 for r in kube.request_log if r.method == method and r.path == f"/api/v1/nodes/{NODE}")
+
+
+def _node_errors(op: str) -> float:
+    return metrics.NODE_API_ERRORS.labels(op=op)._value.get()
+
+
+async def test_the_startup_taint_goes_even_when_node_reads_fail_at_start(api: KubeApi, kube: FakeKube) -> None:
+    _taint_node(kube)
+    kube.fail_next(503, method="GET", path=NODE_PATH, times=12)  # more than any fixed number of tries
+    reads_failed = _node_errors("read")
+
+    assert await KubeReporter(api).remove_startup_taint() is True
+    assert kube.get_node(NODE)["spec"]["taints"] == [OTHER_TAINT]
+    assert _node_requests(kube, "GET") == 13
+    assert _node_errors("read") == reads_failed + 12
+
+
+async def test_a_taint_another_actor_adds_between_our_read_and_write_survives(api: KubeApi,
+                                                                             kube: FakeKube) -> None:
+    _taint_node(kube)
+    # The cluster-autoscaler marks the node for deletion just after the agent read it.
+    kube.before_next(lambda: kube.update_node(NODE, lambda n: n["spec"]["taints"].append(dict(AUTOSCALER_TAINT))),
+                     method="PATCH", path=NODE_PATH)
+    conflicts = _node_errors("conflict")
+
+    assert await KubeReporter(api).remove_startup_taint() is True
+    assert kube.get_node(NODE)["spec"]["taints"] == [OTHER_TAINT, AUTOSCALER_TAINT]
+    assert _node_requests(kube, "PATCH") == 2, "the stale write failed its test; the second, on a fresh read, won"
+    assert _node_errors("conflict") == conflicts + 1
+
+
+async def test_conflicts_on_the_taint_write_are_read_again_and_retried(api: KubeApi, kube: FakeKube) -> None:
+    _taint_node(kube)
+    kube.fail_next(409, method="PATCH", path=NODE_PATH, times=3)
+    conflicts = _node_errors("conflict")
+
+    assert await KubeReporter(api).remove_startup_taint() is True
+    assert kube.get_node(NODE)["spec"]["taints"] == [OTHER_TAINT]
+    assert _node_errors("conflict") == conflicts + 3
+    assert _node_requests(kube, "GET") == 4, "each conflict reads the node again"
+
+
+async def test_failing_taint_writes_are_retried_without_giving_up(api: KubeApi, kube: FakeKube) -> None:
+    kube.update_node(NODE, lambda n: n["spec"].update(taints=[dict(STARTUP_TAINT)]))
+    kube.fail_next(500, method="PATCH", path=NODE_PATH, times=12)
+
+    assert await KubeReporter(api).remove_startup_taint() is True
+    assert "taints" not in kube.get_node(NODE)["spec"], "the last taint removed leaves no empty list"
+    assert _node_requests(kube, "PATCH") == 13
+
+
+async def test_the_taint_removal_waits_out_an_api_server_outage(api: KubeApi, kube: FakeKube) -> None:
+    _taint_node(kube)
+    await asyncio.to_thread(kube.stop)
+    removal = asyncio.create_task(KubeReporter(api).remove_startup_taint())
+    await asyncio.sleep(1.0)  # a good many failed reads
+    assert not removal.done()
+    await asyncio.to_thread(kube.restart)
+    assert await asyncio.wait_for(removal, timeout=15) is True
+    assert kube.get_node(NODE)["spec"]["taints"] == [OTHER_TAINT]

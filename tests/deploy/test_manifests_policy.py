@@ -167,6 +167,19 @@ def test_nonroot_overlay_runs_the_agent_as_the_image_user(renders: dict[Path, li
     assert agent.spec["securityContext"]["runAsNonRoot"] is True
     assert agent.spec["securityContext"]["runAsUser"] == IMAGE_UID
     assert _volume(agent, "cache")["hostPath"]["type"] == "Directory"
+    # The socket's directory too: the agent must own it, so the node prepares it rather than the kubelet (root).
+    assert _volume(agent, "control")["hostPath"]["type"] == "Directory"
+
+
+def test_the_control_socket_has_a_hostpath_of_its_own_outside_the_cache(renders: dict[Path, list[Obj]]) -> None:
+    for entry, objects in renders.items():
+        template = _agent(objects)
+        agent = template.spec["containers"][0]
+        socket_dir = posixpath.dirname(env_map(agent)["WEIGHTCACHE_CONTROL_SOCKET"]["value"])
+        mount = next(m for m in agent["volumeMounts"] if m["mountPath"] == socket_dir)
+        assert _volume(template, mount["name"])["hostPath"]["path"] == socket_dir, entry
+        root = env_map(agent)["WEIGHTCACHE_ROOT"]["value"]
+        assert not (socket_dir + "/").startswith(root.rstrip("/") + "/"), f"{entry}: the socket is under the root"
 
 
 # --- the cache hostPath -------------------------------------------------------------------------------------

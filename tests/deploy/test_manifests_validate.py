@@ -20,7 +20,7 @@ import yaml
 from .rendered import CRD_KINDS, ENTRY_POINTS, Obj, entry_id, render
 from .tools import MANIFESTS, kustomize
 
-KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")
+KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")  # 1.30: ValidatingAdmissionPolicy is GA (v1)
 SCHEMAS = Path(__file__).parent / "schemas"
 _LINE = re.compile(r"^(INFO|WARN|ERROR|FATAL) ")
 

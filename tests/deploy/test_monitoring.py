@@ -215,7 +215,9 @@ def live_stack(moto_s3: Any, monitoring: list[Obj], tmp_path: Path) -> Iterator[
     agent_env = _env(**moto_s3.env(), NODE_NAME=node, WEIGHTCACHE_METRICS_PORT=str(agent_port),
                      WEIGHTCACHE_METRICS_HOST="127.0.0.1", WEIGHTCACHE_MAX_BYTES=str(64 * 1024**2),
                      WEIGHTCACHE_MIN_FREE_BYTES="0", WEIGHTCACHE_FILE_POLL_INTERVAL="0.2",
-                     WEIGHTCACHE_MAX_ATTEMPTS="2", WEIGHTCACHE_LOG_FORMAT="text")
+                     WEIGHTCACHE_MAX_ATTEMPTS="2", WEIGHTCACHE_LOG_FORMAT="text",
+                     # Its own control socket, not the node-wide default another agent on this machine may hold.
+                     WEIGHTCACHE_CONTROL_SOCKET=str(tmp_path / "run" / "agent.sock"))
     agent_argv = [sys.executable, "-m", "agent", "run", "--pods-file", str(pods_file),
                   "--cache-dir", str(tmp_path / "cache")]
 

@@ -437,7 +437,8 @@ def tenant_policy(server: S3Server, bucket_a: str, bucket_b: str, proxy: FaultPr
 
 
 def control_socket_private(*, work: Path) -> Figures:
-    """The control socket is 0600 in a 0700 directory: another uid (an inference pod's) cannot connect."""
+    """The control socket is 0600 in a 0700 directory outside the root: another uid (an inference pod's) cannot
+    connect."""
     # The other uid must reach the cache root (as a pod reads its hostPath) so that only the socket's own modes
     # stop it: ``work`` may sit below 0700 directories (pytest's basetemp), so the root lives in /tmp instead.
     base = Path(tempfile.mkdtemp(prefix="wc-sock-", dir="/tmp"))
@@ -455,7 +456,7 @@ def _control_socket_private(root: Path, *, work: Path) -> Figures:
     agent = Agent(env=env, log_path=work / "sock-agent.log").start()
     try:
         agent.wait_ready()
-        sock_path = root / ".control" / "agent.sock"
+        sock_path = Path(env["WEIGHTCACHE_CONTROL_SOCKET"])
         wait_until(lambda: sock_path.exists(), timeout=10, what="the control socket")
         mode_sock = stat.S_IMODE(os.stat(sock_path).st_mode)
         mode_dir = stat.S_IMODE(os.stat(sock_path.parent).st_mode)

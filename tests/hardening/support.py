@@ -124,6 +124,8 @@ def agent_env(*, root: Path, s3: S3Server | None = None, endpoint_url: str | Non
             env["AWS_ENDPOINT_URL"] = endpoint_url
     env.update({
         "WEIGHTCACHE_ROOT": str(root),
+        # Beside the root, never in it (pods mount the root), and one per agent: not the shared default.
+        "WEIGHTCACHE_CONTROL_SOCKET": str(root.parent / f"{root.name}-run" / "agent.sock"),
         "WEIGHTCACHE_METRICS_HOST": "127.0.0.1",
         "WEIGHTCACHE_METRICS_PORT": str(free_port()),
         "WEIGHTCACHE_MIN_FREE_BYTES": "0",

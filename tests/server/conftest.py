@@ -21,6 +21,7 @@ import httpx
 import pytest
 import xxhash
 
+from agent.layout import current_boot_id
 from server.demo_model import DemoShape, write_demo_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,7 +29,11 @@ TINY = DemoShape(input_dim=8, hidden_size=32, num_layers=4, output_dim=3)
 
 
 def xxh3_128_file(path: Path) -> str:
-    return xxhash.xxh3_128(path.read_bytes()).hexdigest()
+    """The node cache's digest (xxh3-128 over the xxh3-128 of each MiB), computed here independently."""
+    data = path.read_bytes()
+    mib = 1024 * 1024
+    return xxhash.xxh3_128_hexdigest(b"".join(xxhash.xxh3_128_digest(data[i:i + mib])
+                                              for i in range(0, len(data), mib)))
 
 
 @dataclass
@@ -39,26 +44,28 @@ class CacheRoot:
     published: list[str] = field(default_factory=list)
 
     def stage(self, model_id: str, revision: str = "rev1", *, shape: DemoShape = TINY, shard_bytes: int = 4096) -> Path:
-        """Write a demo model into a snapshot directory (not yet visible under models/)."""
-        snapshot = self.root / "snapshots" / model_id / revision
-        write_demo_model(snapshot, shape, shard_bytes=shard_bytes)
-        return snapshot
+        """Write a demo model into a build's data directory (not yet visible under models/)."""
+        data = self.root / "snapshots" / model_id / revision / "data"
+        write_demo_model(data, shape, shard_bytes=shard_bytes)
+        return data
 
-    def write_manifest(self, model_id: str, revision: str, uri: str, relpath: str) -> Path:
-        snapshot = self.root / "snapshots" / model_id / revision
+    def write_manifest(self, model_id: str, revision: str, uri: str, relpath: str, *, boot_id: str = "") -> Path:
+        """The build's own manifest (version 2), as the agent writes it before the build becomes visible."""
+        build = self.root / "snapshots" / model_id / revision
+        data = build / "data"
         files: list[dict[str, Any]] = [
-            {"path": p.relative_to(snapshot).as_posix(), "size": p.stat().st_size, "xxh3_128": xxh3_128_file(p),
+            {"path": p.relative_to(data).as_posix(), "size": p.stat().st_size, "xxh3_128": xxh3_128_file(p),
              "key": p.name, "etag": "e"}
-            for p in sorted(snapshot.rglob("*")) if p.is_file()
+            for p in sorted(data.rglob("*")) if p.is_file()
         ]
         manifest = {
-            "version": 1, "uri": uri, "kind": "prefix" if uri.endswith("/") else "object", "model_id": model_id,
-            "revision": revision, "snapshot": f"snapshots/{model_id}/{revision}", "path": relpath, "files": files,
-            "total_bytes": sum(int(f["size"]) for f in files), "fetched_at": "2024-01-01T00:00:00Z",
-            "last_used": "2024-01-01T00:00:00Z",
+            "version": 2, "uri": uri, "kind": "prefix" if uri.endswith("/") else "object", "model_id": model_id,
+            "revision": revision, "build": revision, "snapshot": f"snapshots/{model_id}/{revision}",
+            "path": relpath, "files": files, "total_bytes": sum(int(f["size"]) for f in files),
+            "fetched_at": "2024-01-01T00:00:00Z", "digest_scheme": "xxh3-128-chunked", "chunk_size": 1024 * 1024,
+            "boot_id": boot_id or current_boot_id(),
         }
-        path = self.root / "manifests" / f"{model_id}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = build / "manifest.json"
         path.write_text(json.dumps(manifest))
         return path
 
@@ -69,8 +76,8 @@ class CacheRoot:
         self.write_manifest(model_id, revision, uri, relpath)
         link = self.root / relpath
         link.parent.mkdir(parents=True, exist_ok=True)
-        snapshot = self.root / "snapshots" / model_id / revision
-        dest = snapshot / target if target else snapshot
+        data = self.root / "snapshots" / model_id / revision / "data"
+        dest = data / target if target else data
         tmp = link.with_name(f".{link.name}.tmp")
         tmp.symlink_to(os.path.relpath(dest, link.parent))
         os.replace(tmp, link)

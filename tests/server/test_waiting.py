@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
 
 import pytest
 
+from agent.layout import current_boot_id
 from server.errors import InvalidModelUriError, ModelWaitTimeoutError
 from server.waiting import nearest_existing_ancestor, resolve_model_path, wait_for_path
 
@@ -41,8 +43,9 @@ async def test_existing_path_returns_at_once(tmp_path: Path) -> None:
 
 
 async def test_atomically_published_path_wakes_the_waiter_before_the_poll_interval(tmp_path: Path) -> None:
-    target = tmp_path / "snapshots" / "id" / "rev"
+    target = tmp_path / "snapshots" / "id" / "rev" / "data"
     target.mkdir(parents=True)
+    (target.parent / "manifest.json").write_text(json.dumps({"boot_id": current_boot_id()}))
     link = tmp_path / "models" / "s3" / "bucket" / "model"
 
     async def publish_later() -> None:
@@ -75,3 +78,17 @@ async def test_missing_path_times_out_with_the_path_in_the_message(tmp_path: Pat
     with pytest.raises(ModelWaitTimeoutError, match=str(path)):
         await wait_for_path(path, timeout=0.5, poll_interval=0.1)
     assert time.monotonic() - started < 2
+
+
+async def test_a_build_of_an_earlier_boot_not_known_durable_is_not_ready_until_marked(tmp_path: Path) -> None:
+    # After a reboot the agent re-verifies such a build before serving it; a server that looks first waits.
+    from tests.server.conftest import CacheRoot
+
+    cache_root = CacheRoot(tmp_path)
+    cache_root.stage("m1")
+    link = cache_root.publish("s3://b/m1/", "m1")
+    cache_root.write_manifest("m1", "rev1", "s3://b/m1/", "models/s3/b/m1", boot_id="an-earlier-boot")
+    with pytest.raises(ModelWaitTimeoutError):
+        await wait_for_path(link, timeout=0.3, poll_interval=0.1)
+    (tmp_path / "snapshots" / "m1" / "rev1.durable").write_text("an-earlier-boot")
+    await wait_for_path(link, timeout=2, poll_interval=0.1)
