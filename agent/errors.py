@@ -91,6 +91,15 @@ class DiskFullError(CacheError):
     reason = "DiskFull"
 
 
+class WriteError(CacheError):
+    """Writing downloaded bytes into the cache failed for a reason other than a full disk (EIO, EROFS, EBADF…).
+
+    Never retried: the disk will not heal by itself, and another GET would only fail the same way.
+    """
+
+    reason = "WriteError"
+
+
 class IntegrityError(CacheError):
     """A file's bytes do not match what was recorded (size or xxh3-128 digest)."""
 

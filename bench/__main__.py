@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", choices=["fetch", "coldstart", "scaleup", "footprint", "soak"], action="append")
+    parser.add_argument("--only", choices=["fetch", "coldstart", "scaleup", "footprint", "soak", "s3stacks"],
+                        action="append")
     args = parser.parse_args(argv)
     q = args.quick
     plan = {
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         "scaleup": [sys.executable, "-m", "bench.scaleup", "--size", "128MiB" if q else "512MiB"],
         "footprint": [sys.executable, "bench/agent_footprint.py"],
         "soak": [sys.executable, "-m", "bench.soak", *(["--quick"] if q else [])],
+        "s3stacks": [sys.executable, "-m", "bench.s3stacks",
+                     *(["--large-size", "256MiB", "--runs", "1"] if q else ["--runs", "3"])],
     }
     failed = []
     for name, cmd in plan.items():

@@ -1,6 +1,6 @@
 """Cold-start benchmark: process start → ``/readyz`` 200, against the floor and against peer loaders.
 
-Not a test. Builds a demo model of ``--size`` in a node-cache layout (snapshots/, a relative symlink under
+Not a test. Builds a demo model of ``--size`` in a node-cache layout (an immutable build, a relative symlink under
 models/s3/, a manifest with sizes and xxh3-128 digests) in a temporary directory, then, for each of ``--runs``
 rounds and each method, drops the page cache (``sync; echo 3 > /proc/sys/vm/drop_caches``: needs root) and
 measures a fresh process:
@@ -37,7 +37,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -120,36 +119,39 @@ def free_port() -> int:
 
 def build(root: Path, size: int) -> tuple[list[Path], Path]:
     """The demo model in a node-cache layout, plus the same weights as a torch.save file."""
-    import xxhash
+    from agent.cache import Cache
+    from agent.layout import hash_file
+    from agent.manifest import ManifestFile
+    from agent.publish import Build
+    from agent.uris import parse_model_uri
 
-    snapshot = root / "snapshots" / MODEL_ID / REVISION
+    # Built and published through the agent's own calls, so the layout is exactly what a node holds.
+    cache = Cache(root, fsync=False)
+    cache.ensure_layout()
+    uri = parse_model_uri(URI)
+    staged = root / "staged"
     shape = shape_for_size(size)
     started = time.perf_counter()
-    weights = write_demo_model(snapshot, shape)
-    files: list[dict[str, Any]] = []
-    for path in sorted(snapshot.iterdir()):
-        hasher = xxhash.xxh3_128()
-        with open(path, "rb") as f:
-            while chunk := f.read(16 * 2**20):
-                hasher.update(chunk)
-        files.append({"path": path.name, "size": path.stat().st_size, "xxh3_128": hasher.hexdigest(),
-                      "key": f"demo/{path.name}", "etag": "bench"})
-    link = root / "models" / "s3" / "bench" / "demo"
-    link.parent.mkdir(parents=True)
-    link.symlink_to(os.path.relpath(snapshot, link.parent))
-    (root / "manifests").mkdir()
-    manifest = {"version": 1, "uri": URI, "kind": "prefix", "model_id": MODEL_ID, "revision": REVISION,
-                "snapshot": f"snapshots/{MODEL_ID}/{REVISION}", "path": "models/s3/bench/demo", "files": files,
-                "total_bytes": sum(int(f["size"]) for f in files), "fetched_at": "2024-01-01T00:00:00Z",
-                "last_used": "2024-01-01T00:00:00Z"}
-    (root / "manifests" / f"{MODEL_ID}.json").write_text(json.dumps(manifest))
+    write_demo_model(staged, shape)
+    b = Build(cache, uri.model_id, REVISION)
+    b.create()
+    files: list[ManifestFile] = []
+    for path in sorted(staged.iterdir()):
+        digest = hash_file(path)
+        files.append(ManifestFile(path=path.name, size=path.stat().st_size, xxh3_128=digest,
+                                  key=f"demo/{path.name}", etag="bench"))
+        b.adopt_file(path, digest=digest, size=path.stat().st_size, relpath=path.name)
+    b.publish(uri=uri, files=files, fetch_seconds=0.0)
+    staged.rmdir()
+    data = b.final_dir / "data"
+    weights = sorted(data.glob("*.safetensors"))
     # The same tensors for torch.load; built in a subprocess so this process never holds them.
     pt = root / "model.pt"
     subprocess.run([PY, "-c", (
         "import sys, torch\nfrom safetensors.torch import load_file\nstate = {}\n"
         "for f in sys.argv[2:]: state.update(load_file(f))\ntorch.save(state, sys.argv[1])"
     ), str(pt), *map(str, weights)], check=True)
-    print(f"built {sum(int(f['size']) for f in files) / 2**30:.2f} GiB model in {time.perf_counter() - started:.1f} s "
+    print(f"built {sum(f.size for f in files) / 2**30:.2f} GiB model in {time.perf_counter() - started:.1f} s "
           f"(hidden {shape.hidden_size}, {shape.num_layers} layers, {len(weights)} shards)", file=sys.stderr)
     return weights, pt
 
@@ -239,7 +241,7 @@ def main() -> int:
             s3 = EmbeddedS3()
             bucket_dir = s3.bucket_dir("bench") / "demo"
             bucket_dir.mkdir(parents=True, exist_ok=True)
-            for f in (workdir / "snapshots" / MODEL_ID / REVISION).iterdir():
+            for f in (workdir / "models" / "s3" / "bench" / "demo").iterdir():
                 shutil.copyfile(f, bucket_dir / f.name)
             s3.start()
         samples: dict[str, list[dict[str, float]]] = {m: [] for m in methods}

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -48,17 +49,36 @@ class EmbeddedS3:
 
     data_dir: Path | None = None
     port: int = 0
+    #: Serve HTTPS with a self-signed certificate made at start (``env()`` points AWS_CA_BUNDLE at it): real S3
+    #: is HTTPS, and TLS must stay fast too.
+    tls: bool = False
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _own_dir: bool = False
+    _cert_dir: Path | None = field(default=None, repr=False)
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def ca_bundle(self) -> Path | None:
+        return self._cert_dir / "cert.pem" if self._cert_dir else None
 
     def env(self) -> dict[str, str]:
-        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_EC2_METADATA_DISABLED": "true"}
+        env = {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+               "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+        if self.ca_bundle is not None:
+            env["AWS_CA_BUNDLE"] = str(self.ca_bundle)
+        return env
+
+    def _make_certificate(self) -> list[str]:
+        self._cert_dir = Path(tempfile.mkdtemp(prefix="weightcache-s3-tls-"))
+        cert, key = self._cert_dir / "cert.pem", self._cert_dir / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                        "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+        return ["--cert", str(cert), "--key", str(key)]
 
     def _ensure_dir(self) -> Path:
         if self.data_dir is None:
@@ -73,10 +93,11 @@ class EmbeddedS3:
         minutes, and a shorter cache makes it re-hash whole files (for the ETag) on every ranged GET."""
         self._ensure_dir()
         self.port = self.port or free_port()
+        tls_args = self._make_certificate() if self.tls else []
         self.proc = subprocess.Popen(
             [rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{self.port}",
              "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--etag-hash", "MD5",
-             "--vfs-cache-mode", "off", "--config", "/dev/null", str(self.data_dir)],
+             "--vfs-cache-mode", "off", "--config", "/dev/null", *tls_args, str(self.data_dir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -84,7 +105,8 @@ class EmbeddedS3:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 raise RuntimeError(f"rclone serve s3 exited: {err}")
             try:
-                urllib.request.urlopen(self.endpoint_url, timeout=1)
+                context = ssl.create_default_context(cafile=str(self.ca_bundle)) if self.ca_bundle else None
+                urllib.request.urlopen(self.endpoint_url, timeout=1, context=context)
                 return self
             except urllib.error.HTTPError:
                 return self  # it answers (403 without credentials): up
@@ -105,6 +127,9 @@ class EmbeddedS3:
         self.proc = None
         if self._own_dir and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self._cert_dir is not None:
+            shutil.rmtree(self._cert_dir, ignore_errors=True)
+            self._cert_dir = None
 
     def bucket_dir(self, bucket: str) -> Path:
         d = self._ensure_dir() / bucket

@@ -1,17 +1,47 @@
-"""Tests for agent/s3.py against real S3 servers (moto and rclone) on loopback, some behind the fault proxy."""
+"""Tests for agent/s3.py against real S3 servers (moto and rclone) on loopback, some behind the fault proxy, a TLS
+front (HTTPS with a CA made at run time) or a forward proxy (CONNECT and absolute-form)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import urllib.parse
+import uuid
+from collections.abc import Iterator
 
 import pytest
 from botocore.exceptions import ClientError
 
-from agent.errors import AccessDeniedError, ObjectChangedError, ObjectNotFoundError, RetriesExhaustedError
+from agent import errors
+from agent.errors import (
+    AccessDeniedError,
+    CacheError,
+    ConfigError,
+    DiskFullError,
+    ObjectChangedError,
+    ObjectNotFoundError,
+    RangeNotSupportedError,
+    RetriesExhaustedError,
+    S3Error,
+    WriteError,
+)
 from agent.s3 import ObjectInfo, S3Client, TruncatedBodyError, is_retryable, normalize_etag
+from agent.s3 import WriteError as S3WriteError
 from tests.agent.conftest import MiB, make_settings, put_all, use_endpoint
+from tests.fixtures.connectproxy import ConnectProxy
 from tests.fixtures.faultproxy import FaultPlan, FaultProxy
 from tests.fixtures.s3servers import S3Server
+from tests.fixtures.tlsfront import TlsFront
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy",
+                    "ALL_PROXY", "all_proxy", "AWS_CA_BUNDLE")
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_or_ca_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's or CI runner's proxy settings must not route (or bypass) anything in these tests."""
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
 
 
 async def read_all(s3: S3Client, bucket: str, info: ObjectInfo, start: int = 0, length: int | None = None,
@@ -171,3 +201,216 @@ async def test_a_stalled_body_is_retried_after_the_read_timeout(
                 assert s3.retries == 1
     finally:
         rclone_s3.delete_bucket("wc-stall")
+
+
+# --- the bucket's region --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def eu_bucket(moto_s3: S3Server) -> Iterator[str]:
+    """A bucket that lives in eu-west-1 while every client is configured for us-east-1 (moto keeps the region)."""
+    name = f"wc-eu-{uuid.uuid4().hex[:12]}"
+    moto_s3.client().create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    try:
+        yield name
+    finally:
+        moto_s3.delete_bucket(name)
+
+
+async def test_a_bucket_in_another_region_is_read_with_urls_signed_for_that_region(
+        moto_s3: S3Server, eu_bucket: str, tmp_path, monkeypatch) -> None:
+    # The proxy refuses, as AWS does, anything for eu_bucket signed for another region; moto itself checks none.
+    data = os.urandom(3 * 100_000)
+    put_all(moto_s3, eu_bucket, {"m/obj": data})
+    with FaultProxy(moto_s3, FaultPlan.none(), bucket_regions={eu_bucket: "eu-west-1"}) as proxy:
+        use_endpoint(monkeypatch, moto_s3, proxy.url)
+        assert os.environ["AWS_REGION"] == "us-east-1"
+        async with S3Client(make_settings(tmp_path)) as s3:
+            (info,) = await s3.list_objects(eu_bucket, "m/")  # botocore follows the refusal (control plane)
+            parts = [await read_all(s3, eu_bucket, info, start=i * 100_000, length=100_000) for i in range(3)]
+        assert b"".join(parts) == data
+        gets = [e for e in proxy.stats().events if e.method == "GET" and e.range]
+        assert len(gets) == 3 and {e.status for e in gets} == {206}
+        for e in gets:
+            credential = urllib.parse.parse_qs(urllib.parse.urlsplit(e.path).query)["X-Amz-Credential"][0]
+            assert credential.split("/")[2:4] == ["eu-west-1", "s3"]
+
+
+async def test_the_bucket_region_is_learned_once_per_bucket(
+        moto_s3: S3Server, eu_bucket: str, tmp_path, monkeypatch) -> None:
+    put_all(moto_s3, eu_bucket, {"obj": b"x" * 1000})
+    with FaultProxy(moto_s3, FaultPlan.none(), bucket_regions={eu_bucket: "eu-west-1"}) as proxy:
+        use_endpoint(monkeypatch, moto_s3, proxy.url)
+        async with S3Client(make_settings(tmp_path)) as s3:
+            info = ObjectInfo(key="obj", size=1000, etag=normalize_etag(moto_s3.head_etag(eu_bucket, "obj")))
+            for _ in range(3):
+                assert await read_all(s3, eu_bucket, info) == b"x" * 1000
+        head_bucket = [e for e in proxy.stats().events if e.method == "HEAD" and e.path.rstrip("/").endswith(
+            eu_bucket)]
+        assert [e.status for e in head_bucket] == [400, 200]  # refused once, redirected once, then remembered
+
+
+# --- proxies from the environment -----------------------------------------------------------------------------
+
+
+async def test_https_reads_go_through_a_connect_tunnel_of_https_proxy(
+        s3_server: S3Server, bucket: str, tmp_path, monkeypatch) -> None:
+    data = os.urandom(MiB + 12_345)
+    put_all(s3_server, bucket, {"obj": data})
+    with TlsFront(s3_server) as front, ConnectProxy() as proxy:
+        use_endpoint(monkeypatch, s3_server, front.url)
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(front.ca_file))
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        async with S3Client(make_settings(tmp_path)) as s3:
+            (info,) = await s3.list_objects(bucket, "")
+            assert await read_all(s3, bucket, info) == data
+        # Every connection the front accepted came through the proxy: the control plane's and the data plane's.
+        assert front.connections >= 2
+        assert proxy.tunnels == [f"127.0.0.1:{front.port}"] * front.connections
+        assert proxy.tunnel_bytes_to_client > len(data)
+
+
+async def test_http_reads_go_through_http_proxy_as_absolute_form_requests(
+        s3_server: S3Server, bucket: str, tmp_path, monkeypatch) -> None:
+    data = os.urandom(MiB + 12_345)
+    put_all(s3_server, bucket, {"obj": data})
+    with ConnectProxy() as proxy:
+        use_endpoint(monkeypatch, s3_server)
+        monkeypatch.setenv("http_proxy", proxy.url)  # lower case, as many images set it
+        async with S3Client(make_settings(tmp_path)) as s3:
+            (info,) = await s3.list_objects(bucket, "")
+            assert await read_all(s3, bucket, info) == data
+        urls = [(r.method, r.url) for r in proxy.requests]
+        assert ("GET", f"{s3_server.endpoint_url}/{bucket}") in urls  # the listing (control plane)
+        assert ("GET", f"{s3_server.endpoint_url}/{bucket}/obj") in urls  # the ranged GET (data plane)
+        assert proxy.forwarded_body_bytes > len(data)
+        assert proxy.tunnels == []
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_no_proxy_sends_matching_hosts_around_the_proxy(
+        scheme: str, s3_server: S3Server, bucket: str, tmp_path, monkeypatch) -> None:
+    data = os.urandom(300_000)
+    put_all(s3_server, bucket, {"obj": data})
+    with TlsFront(s3_server) as front, ConnectProxy() as proxy:
+        use_endpoint(monkeypatch, s3_server, front.url if scheme == "https" else None)
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(front.ca_file))
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "example.com,127.0.0.1")
+        async with S3Client(make_settings(tmp_path)) as s3:
+            (info,) = await s3.list_objects(bucket, "")
+            assert await read_all(s3, bucket, info) == data
+        assert proxy.connections_carried == 0
+
+
+async def test_proxy_credentials_in_the_proxy_url_are_presented(
+        s3_server: S3Server, bucket: str, tmp_path, monkeypatch) -> None:
+    put_all(s3_server, bucket, {"obj": b"y" * 5000})
+    with TlsFront(s3_server) as front, ConnectProxy(credentials=("agent", "s3cr3t/:@")) as proxy:
+        use_endpoint(monkeypatch, s3_server, front.url)
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(front.ca_file))
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url_with_credentials("agent", "s3cr3t/:@"))
+        async with S3Client(make_settings(tmp_path)) as s3:
+            (info,) = await s3.list_objects(bucket, "")
+            assert await read_all(s3, bucket, info) == b"y" * 5000
+        assert proxy.refused == [] and len(proxy.tunnels) >= 2
+
+
+def test_a_proxy_the_data_plane_cannot_use_is_a_config_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "https://127.0.0.1:3129")  # TLS to the proxy itself
+    with pytest.raises(ConfigError, match="HTTPS_PROXY must be an http:// proxy URL"):
+        S3Client(make_settings(tmp_path))
+
+
+# --- which bytes came back ------------------------------------------------------------------------------------
+
+
+async def test_a_server_that_ignores_range_fails_as_range_not_supported_before_writing(
+        s3_server: S3Server, bucket: str, tmp_path, monkeypatch) -> None:
+    put_all(s3_server, bucket, {"obj": os.urandom(200_000)})
+    with FaultProxy(s3_server, FaultPlan(always="ignore_range")) as proxy:
+        use_endpoint(monkeypatch, s3_server, proxy.url)
+        async with S3Client(make_settings(tmp_path)) as s3:
+            info = await s3.head_object(bucket, "obj")
+            written: list[int] = []
+            with pytest.raises(RangeNotSupportedError, match="200 without a Content-Range"):
+                await s3.read_range(bucket=bucket, key="obj", etag=info.etag, start=1000, length=100_000,
+                                    buffer=bytearray(65536), write=lambda offset, view: written.append(offset))
+            assert written == [] and s3.retries == 0
+        assert proxy.stats().faults == {"ignore_range": 1}
+
+
+async def test_a_200_with_the_whole_object_is_accepted_when_the_whole_object_was_asked_for(
+        s3_server: S3Server, bucket: str, tmp_path, monkeypatch) -> None:
+    data = os.urandom(200_000)
+    put_all(s3_server, bucket, {"obj": data})
+    with FaultProxy(s3_server, FaultPlan(always="ignore_range")) as proxy:
+        use_endpoint(monkeypatch, s3_server, proxy.url)
+        async with S3Client(make_settings(tmp_path)) as s3:
+            info = await s3.head_object(bucket, "obj")
+            assert await read_all(s3, bucket, info) == data
+        assert {e.status for e in proxy.stats().events if e.fault == "ignore_range"} == {200}
+
+
+async def test_a_content_range_for_other_bytes_fails_as_range_not_supported(
+        s3_server: S3Server, bucket: str, tmp_path, monkeypatch) -> None:
+    # rclone answers 200 and moto 206: a Content-Range that names other bytes is refused after either.
+    put_all(s3_server, bucket, {"obj": os.urandom(200_000)})
+    with FaultProxy(s3_server, FaultPlan(always="wrong_content_range")) as proxy:
+        use_endpoint(monkeypatch, s3_server, proxy.url)
+        async with S3Client(make_settings(tmp_path)) as s3:
+            info = await s3.head_object(bucket, "obj")
+            with pytest.raises(RangeNotSupportedError, match="Content-Range 'bytes 1001-101000/200000'"):
+                await read_all(s3, bucket, info, start=1000, length=100_000)
+            assert s3.retries == 0
+
+
+# --- writing and TLS ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("code", "error", "reason"),
+                         [(errno.EIO, WriteError, "WriteError"), (errno.ENOSPC, DiskFullError, "DiskFull")])
+async def test_a_failing_write_is_a_cache_error_and_is_not_retried(
+        code: int, error: type[CacheError], reason: str, s3_env: S3Server, bucket: str, tmp_path) -> None:
+    put_all(s3_env, bucket, {"obj": b"z" * 300_000})
+
+    def write(offset: int, view: memoryview) -> None:
+        raise OSError(code, os.strerror(code))
+
+    async with S3Client(make_settings(tmp_path)) as s3:
+        info = await s3.head_object(bucket, "obj")
+        with pytest.raises(error) as caught:
+            await s3.read_range(bucket=bucket, key="obj", etag=info.etag, start=0, length=info.size,
+                                buffer=bytearray(65536), write=write)
+        assert s3.retries == 0
+    assert isinstance(caught.value, CacheError) and caught.value.reason == reason
+    assert S3WriteError is errors.WriteError
+
+
+async def test_a_ranged_read_over_https_trusts_the_ca_bundle(
+        s3_server: S3Server, bucket: str, tmp_path, monkeypatch) -> None:
+    data = os.urandom(2 * MiB + 1)
+    put_all(s3_server, bucket, {"obj": data})
+    with TlsFront(s3_server) as front:
+        use_endpoint(monkeypatch, s3_server, front.url)
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(front.ca_file))
+        async with S3Client(make_settings(tmp_path)) as s3:
+            info = await s3.head_object(bucket, "obj")
+            assert await read_all(s3, bucket, info, buffer_size=MiB) == data
+            assert await read_all(s3, bucket, info, start=MiB - 7, length=MiB) == data[MiB - 7:2 * MiB - 7]
+        assert front.bytes_to_client > len(data) + MiB
+
+
+async def test_an_untrusted_certificate_fails_at_once_instead_of_being_retried(
+        s3_server: S3Server, bucket: str, tmp_path, monkeypatch) -> None:
+    put_all(s3_server, bucket, {"obj": b"q" * 1000})
+    info = ObjectInfo(key="obj", size=1000, etag=normalize_etag(s3_server.head_etag(bucket, "obj")))
+    with TlsFront(s3_server) as front:
+        use_endpoint(monkeypatch, s3_server, front.url)  # and no AWS_CA_BUNDLE
+        async with S3Client(make_settings(tmp_path, max_attempts=5)) as s3:
+            with pytest.raises(S3Error, match="certificate is not trusted.*AWS_CA_BUNDLE"):
+                await s3.list_objects(bucket, "")
+            with pytest.raises(S3Error, match="certificate is not trusted"):
+                await read_all(s3, bucket, info)
+            assert s3.retries == 0

@@ -3,11 +3,14 @@ invisible. Clients are aiobotocore (what the agent uses) with retries off, so ea
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import os
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -63,6 +66,14 @@ async def client(stored: tuple[S3Server, str], proxy: FaultProxy) -> AsyncIterat
         config=config,
     ) as c:
         yield c
+
+
+def _presigner(server: S3Server, endpoint_url: str, region: str) -> Any:
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint_url, aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key, region_name=region,
+        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
+    )
 
 
 async def _ranged_get(client: Any, bucket: str, range_: str = RANGE) -> tuple[bytes, str]:
@@ -178,6 +189,69 @@ async def test_wrong_etag_serves_the_right_bytes_under_another_etag(
     assert etag != f'"{hashlib.md5(DATA).hexdigest()}"'
 
 
+async def test_ignore_range_answers_200_with_the_whole_object_and_no_content_range(
+    proxy: FaultProxy, stored: tuple[S3Server, str]
+) -> None:
+    # Presigned, as the agent's data plane sends it: the signature covers only Host, so the proxy may drop Range.
+    server, bucket = stored
+    proxy.plan = FaultPlan(always="ignore_range")
+    url = _presigner(server, proxy.url, server.region).generate_presigned_url(
+        "get_object", Params={"Bucket": bucket, "Key": KEY})
+
+    def get() -> tuple[int, bytes, str | None]:
+        req = urllib.request.Request(url, headers={"Range": RANGE})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read(), resp.headers.get("Content-Range")
+
+    assert await asyncio.to_thread(get) == (200, DATA, None)
+
+
+async def test_wrong_content_range_labels_the_right_bytes_as_other_ones(
+    client: Any, proxy: FaultProxy, stored: tuple[S3Server, str]
+) -> None:
+    proxy.plan = FaultPlan(always="wrong_content_range")
+    resp = await client.get_object(Bucket=stored[1], Key=KEY, Range=RANGE)
+    async with resp["Body"] as body:
+        assert await body.read() == EXPECTED
+    assert resp["ContentRange"] == f"bytes 1001-201000/{len(DATA)}"  # asked for 1000-200999
+
+
+async def test_a_bucket_in_another_region_refuses_requests_signed_for_the_wrong_one(
+    stored: tuple[S3Server, str], fault_proxy: MakeProxy
+) -> None:
+    server, bucket = stored
+    proxy = fault_proxy(server, FaultPlan.none(), bucket_regions={bucket: "eu-west-1"})
+
+    def presigned_get(region: str) -> tuple[int, str, str]:
+        signer = _presigner(server, proxy.url, region)
+        url = signer.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": KEY})
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return resp.status, resp.headers.get("x-amz-bucket-region", ""), ""
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("x-amz-bucket-region", ""), e.read().decode()
+
+    status, region, body = await asyncio.to_thread(presigned_get, "us-east-1")
+    assert (status, region) == (400, "eu-west-1")
+    assert "<Code>AuthorizationQueryParametersError</Code>" in body and "<Region>eu-west-1</Region>" in body
+    assert (await asyncio.to_thread(presigned_get, "eu-west-1"))[0] == 200
+
+
+async def test_botocore_follows_a_wrong_region_answer_to_the_bucket_region(
+    stored: tuple[S3Server, str], fault_proxy: MakeProxy
+) -> None:
+    server, bucket = stored
+    proxy = fault_proxy(server, FaultPlan.none(), bucket_regions={bucket: "eu-west-1"})
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=proxy.url, aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key, region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, response_checksum_validation="when_required"),
+    )
+    listed = await asyncio.to_thread(client.list_objects_v2, Bucket=bucket)
+    assert [o["Key"] for o in listed["Contents"]] == [KEY]
+    assert [e.status for e in proxy.stats().events] == [400, 200]  # refused, then re-signed for eu-west-1
+
+
 async def test_upstream_errors_pass_through_unfaulted(
     client: Any, proxy: FaultProxy, stored: tuple[S3Server, str]
 ) -> None:
@@ -259,7 +333,7 @@ def test_a_plan_rejects_unknown_kinds_and_rates_over_one() -> None:
 def test_the_default_plan_has_the_documented_rates() -> None:
     assert dict(FaultPlan().rates) == {
         "slowdown_503": 0.05, "error_500": 0.0, "reset_mid_body": 0.02,
-        "truncate": 0.02, "stall": 0.0, "wrong_etag": 0.0,
+        "truncate": 0.02, "stall": 0.0, "wrong_etag": 0.0, "ignore_range": 0.0, "wrong_content_range": 0.0,
     }  # fmt: skip
     assert set(FaultPlan().rates) == set(FAULT_KINDS)
 

