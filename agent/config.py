@@ -87,7 +87,8 @@ class AgentSettings:
                                   "smallest ranged-GET part; larger files get larger parts (≤ 64 MiB)",
                                   "--part-size")
     fsync: bool = _setting(True, "WEIGHTCACHE_FSYNC",
-                           "fsync files before publishing (a model survives power loss complete, or not at all)",
+                           "flush published models to disk in the background and mark them durable "
+                           "(unflushed ones are re-verified after a reboot)",
                            "--fsync")
     connect_timeout: float = _setting(5.0, "WEIGHTCACHE_CONNECT_TIMEOUT",
                                       "seconds to open a connection to S3", "--connect-timeout")
