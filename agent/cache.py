@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -241,9 +242,13 @@ class Cache:
         cur = self.root
         for part in rel.parts[:-1]:
             cur = cur / part
-            if cur.is_symlink():
+            try:
+                mode = os.lstat(cur).st_mode  # one look: a directory pruned meanwhile is simply absent
+            except FileNotFoundError:
+                return None
+            if stat.S_ISLNK(mode):
                 return cur
-            if cur.exists() and not cur.is_dir():
+            if not stat.S_ISDIR(mode):
                 raise OverlappingModelError(f"{uri}: {cur.relative_to(self.root)} is a file of another model")
         return None
 

@@ -146,11 +146,11 @@ class ResolvedModel:
 
 def resolve(root: Path, model_path: Path) -> ResolvedModel | None:
     """Resolve a model path (a pointer, or a path inside an outer model) to its build; None outside the cache."""
-    real_root = Path(os.path.realpath(root))
-    real = Path(os.path.realpath(model_path))
     try:
+        real_root = Path(os.path.realpath(root))
+        real = Path(os.path.realpath(model_path))  # may raise if the pointer goes between lstat and readlink
         parts = real.relative_to(real_root).parts
-    except ValueError:
+    except (OSError, ValueError):
         return None
     if len(parts) < 4 or parts[0] != "snapshots" or parts[3] != DATA_DIR or parts[2].endswith(INCOMPLETE_SUFFIX):
         return None
@@ -179,7 +179,10 @@ def is_trusted(build_dir: Path, manifest_boot_id: str, *, boot_id: str | None = 
 
 def build_of(path: Path) -> Path | None:
     """The build directory a path resolves into (``.../snapshots/<id>/<build>``), or None outside any build."""
-    real = Path(os.path.realpath(path))
+    try:
+        real = Path(os.path.realpath(path))
+    except OSError:
+        return None
     for d in (real, *real.parents):
         if d.name == DATA_DIR and d.parent.parent.parent.name == "snapshots":
             return d.parent

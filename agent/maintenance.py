@@ -345,7 +345,8 @@ def _first_line(path: Path) -> str:
 
 
 def _clean_models_tree(cache: Cache, stats: dict[str, int]) -> None:
-    """Stray temp links of an interrupted swap, and pointers that name nothing."""
+    """Stray temp links of an interrupted swap, pointers that name nothing, and directories a killed first publish
+    created for a pointer it never swapped in (empty, they would block an outer model's name)."""
     for dirpath, dirnames, filenames in os.walk(cache.models):
         for name in list(dirnames) + filenames:
             p = Path(dirpath) / name
@@ -361,6 +362,11 @@ def _clean_models_tree(cache: Cache, stats: dict[str, int]) -> None:
                     with contextlib.suppress(FileNotFoundError):
                         p.unlink()
                         stats["dangling_pointers"] += 1
+    for dirpath, _dirnames, _filenames in os.walk(cache.models, topdown=False):
+        d = Path(dirpath)
+        if d != cache.models and d != cache.models / "s3" and not d.is_symlink():
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty
 
 
 def recover(cache: Cache, *, orphan_max_age_seconds: float) -> dict[str, int]:
