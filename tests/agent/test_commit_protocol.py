@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import settings
+from hypothesis import Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
@@ -698,8 +698,11 @@ class CommitProtocol(RuleBasedStateMachine):
 def test_the_commit_protocol_holds_under_any_interleaving(worker: Worker, tmp_path: Path) -> None:
     CommitProtocol.worker = worker
     CommitProtocol.base = tmp_path
-    run_state_machine_as_test(
-        CommitProtocol, settings=settings(max_examples=25, stateful_step_count=20, deadline=None))
+    # No shrinking: every replay starts threads and talks to another process, so shrinking a failure takes
+    # minutes and often ends "flaky"; the whole trace (at most 20 steps, each with its arguments) reads well enough.
+    run_state_machine_as_test(CommitProtocol, settings=settings(
+        max_examples=25, stateful_step_count=20, deadline=None,
+        phases=(Phase.explicit, Phase.reuse, Phase.generate)))
 
 
 # ===============================================================================================================
@@ -993,11 +996,12 @@ def test_a_cache_hit_moves_the_last_use_without_rewriting_the_manifest(
 
 
 # ===============================================================================================================
-# Known bug (reported, not fixed here)
+# 4. What the tests above found: a crash leftover and two races with an eviction, each pinned on its own
 # ===============================================================================================================
 
 
 def test_a_killed_first_publish_of_an_inner_model_does_not_block_the_outer_names(tmp_path: Path) -> None:
+    # The killed swap created models/s3/bkt/m/ for its pointer; recovery must not leave it there, empty.
     root = tmp_path / "root"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTCACHE_")} | {FAILPOINT_ENV: "before-swap"}
     proc = subprocess.run([sys.executable, "-c", PUBLISH_ONE, str(root), "s3://bkt/m/x/", "inner"], cwd=REPO,
@@ -1012,10 +1016,9 @@ def test_a_killed_first_publish_of_an_inner_model_does_not_block_the_outer_names
     assert_exactly_one_of(root, "s3://bkt/m/", {"outer": b"outer"})
 
 
-
-def first_error_while_churning(root: Path, churned: str, looked_up: str, *, limit_s: float = 10.0) -> str | None:
+def first_error_while_churning(root: Path, churned: str, looked_up: str, *, limit_s: float = 2.0) -> str | None:
     """Publish and evict ``churned`` in a loop in one thread while this one looks ``looked_up`` up; the first
-    error a lookup raised (None if none did within ``limit_s``)."""
+    error a lookup raised (None if none did within ``limit_s``: before the fix, one came within half a second)."""
     stop = threading.Event()
 
     def churn() -> None:
@@ -1045,18 +1048,16 @@ def first_error_while_churning(root: Path, churned: str, looked_up: str, *, limi
 
 
 def test_evicting_the_last_model_of_a_bucket_never_fails_a_lookup_of_another(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    error = first_error_while_churning(root, "s3://bkt/n/", "s3://bkt/other/")
-    if error is not None and "is a file of another model" not in error:
-        pytest.fail(f"another error than the known one: {error}")
+    # The eviction prunes the emptied bucket directory; a lookup that saw it exist, then not be a directory,
+    # took it for "a file of another model".
+    error = first_error_while_churning(tmp_path / "root", "s3://bkt/n/", "s3://bkt/other/")
     assert error is None, error
 
 
 def test_a_lookup_during_the_eviction_of_its_model_finds_it_or_nothing(tmp_path: Path) -> None:
+    # os.path.realpath (Python 3.11) lets out the FileNotFoundError of a link unlinked between lstat and readlink.
     root = tmp_path / "root"
     with opened(root) as cache:  # the bucket directory stays: only the pointer itself comes and goes
         publish_revision(cache, "s3://bkt/keep/", {"a.bin": b"K"}, etag="k")
     error = first_error_while_churning(root, "s3://bkt/n/", "s3://bkt/n/")
-    if error is not None and not error.startswith("FileNotFoundError"):
-        pytest.fail(f"another error than the known one: {error}")
     assert error is None, error

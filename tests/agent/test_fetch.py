@@ -423,7 +423,8 @@ def test_a_download_killed_mid_way_resumes_and_fetches_only_what_was_unfinished(
     total = sum(map(len, files.values()))
     root = tmp_path / "root"
     uri = f"s3://{rclone_bucket}/m/"
-    args = ("prefetch", uri, "--cache-dir", str(root), "--part-size", "1MiB", "--concurrency", "2",
+    # 8 GETs at once: 4 MiB parts, 6 per file, so finished parts stay on record while others are in flight.
+    args = ("prefetch", uri, "--cache-dir", str(root), "--part-size", "1MiB", "--concurrency", "8",
             "--retry-base-delay", "0.01")
     # Some parts stall for a while, so the process is surely killed with parts finished and parts in flight.
     with FaultProxy(rclone_s3, FaultPlan(rates={"stall": 0.3}, stall_seconds=3.0)) as proxy:
