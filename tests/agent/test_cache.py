@@ -352,3 +352,29 @@ def test_recovery_leaves_a_ready_model_untouched(cache: Cache) -> None:
     cache.recover(orphan_max_age_seconds=3600)  # the first recovery of a boot records the boot
     assert not any(cache.recover(orphan_max_age_seconds=3600).values())
     assert (cache.root / "models/s3/bkt/m/a.txt").read_bytes() == b"A"
+
+
+def test_a_version_1_cache_is_rehashed_into_a_version_2_build_at_start_up(tmp_path: Path) -> None:
+    # The previous layout: manifests/<id>.json (whole-file xxh3-128) and a snapshot of plain files.
+    root = tmp_path / "old"
+    uri = parse_model_uri("s3://bkt/m/")
+    data = os.urandom(3 * 1024 * 1024 + 1)
+    snap = root / "snapshots" / uri.model_id / "rev1"
+    snap.mkdir(parents=True)
+    (snap / "a.bin").write_bytes(data)
+    (root / "manifests").mkdir()
+    (root / "manifests" / f"{uri.model_id}.json").write_text(json.dumps({
+        "version": 1, "uri": uri.uri, "kind": "prefix", "model_id": uri.model_id, "revision": "rev1",
+        "snapshot": f"snapshots/{uri.model_id}/rev1", "path": uri.mirrored_relpath, "total_bytes": len(data),
+        "files": [{"path": "a.bin", "size": len(data), "xxh3_128": xxhash.xxh3_128_hexdigest(data), "key": "m/a.bin",
+                   "etag": "e"}], "fetched_at": "2024-01-01T00:00:00Z", "last_used": "2024-01-01T00:00:00Z"}))
+    pointer = root / uri.mirrored_relpath
+    pointer.parent.mkdir(parents=True)
+    os.symlink(os.path.relpath(snap, pointer.parent), pointer)
+    cache = Cache(root)
+    assert cache.recover(orphan_max_age_seconds=3600)["migrated"] == 1
+    found = cache.lookup(uri)
+    assert found is not None and found.manifest.version == 2
+    assert found.manifest.files[0].xxh3_128 == digest_of(data)
+    assert (pointer / "a.bin").read_bytes() == data
+    assert not (root / "manifests" / f"{uri.model_id}.json").exists() and not snap.exists()
