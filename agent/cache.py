@@ -144,6 +144,10 @@ class Cache:
         fcntl.flock(self._activity_fd, fcntl.LOCK_SH)  # waits only while another process recovers
         return False
 
+    @property
+    def joined_activity(self) -> bool:
+        return self._activity_fd is not None
+
     def share_activity(self) -> None:
         """Downgrade an exclusive activity lock to shared (after recovery)."""
         if self._activity_fd is not None:

@@ -379,6 +379,11 @@ def recover(cache: Cache, *, orphan_max_age_seconds: float) -> dict[str, int]:
     cache.ensure_layout()
     stats = {"dangling_pointers": 0, "staging_dirs": 0, "stale_tmp": 0, "stray_links": 0, "reverified": 0,
              "unverified_dropped": 0, "migrated": 0, "orphan_blob_bytes": 0}
+    if cache.joined_activity:
+        # This Cache already works (flock belongs to its descriptor: it would "win" the exclusive lock over its
+        # own builds and delete them). Recovery is a start-up step only.
+        log.info("cache recovery skipped: this process already works on %s", cache.root)
+        return stats
     if not cache.join_activity(exclusive=True):
         log.info("cache recovery skipped: another weightcache process is working on %s", cache.root)
         return stats
@@ -398,7 +403,8 @@ def recover(cache: Cache, *, orphan_max_age_seconds: float) -> dict[str, int]:
         _migrate_legacy(cache, stats)
         _clean_models_tree(cache, stats)
         _clean_tmp(cache, orphan_max_age_seconds=orphan_max_age_seconds, stats=stats)
-        for p in list(cache.state.glob(".*.tmp")) + list((cache.state / "used").glob(".*.tmp")):
+        for p in [*cache.state.glob(".*.tmp"), *(cache.state / "used").glob(".*.tmp"),
+                  *(cache.state / "replaced").glob(".*.tmp")]:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         if last_boot != boot:

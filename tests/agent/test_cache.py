@@ -378,3 +378,13 @@ def test_a_version_1_cache_is_rehashed_into_a_version_2_build_at_start_up(tmp_pa
     assert found.manifest.files[0].xxh3_128 == digest_of(data)
     assert (pointer / "a.bin").read_bytes() == data
     assert not (root / "manifests" / f"{uri.model_id}.json").exists() and not snap.exists()
+
+
+def test_recovery_never_deletes_what_its_own_process_builds(cache: Cache) -> None:
+    # flock belongs to the descriptor: a Cache already at work would otherwise "win" the exclusive lock over itself.
+    cache.join_activity()
+    b = Build(cache, "deadbeefdeadbeef", "rev1")
+    b.create()
+    assert not any(cache.recover(orphan_max_age_seconds=0).values())
+    assert b.staging.exists()
+    cache.close()
