@@ -25,7 +25,7 @@ from pathlib import Path
 
 from agent import layout
 from agent.cache import Cache, atomic_write, fsync_dir, translate_oserror
-from agent.errors import IntegrityError, OverlappingModelError
+from agent.errors import CacheError, IntegrityError, OverlappingModelError
 from agent.manifest import Manifest, ManifestFile, now_iso
 from agent.uris import ModelUri
 
@@ -183,7 +183,7 @@ class Build:
 
 def record_replaced(cache: Cache, model_id: str, build: str, *, when: float | None = None) -> None:
     """Remember when a build stopped being live: its grace is counted from this moment."""
-    with contextlib.suppress(OSError, Exception):
+    with contextlib.suppress(CacheError):  # best effort: a lost record only starts the grace later (gc records it)
         atomic_write(cache.state / "replaced" / f"{model_id}.{build}", f"{when or time.time():.3f}".encode())
 
 

@@ -286,8 +286,8 @@ async def test_a_process_that_sees_only_the_cache_root_cannot_reach_the_socket(s
     def probe() -> dict[str, Any]:
         os.chroot(root)
         os.chdir("/")
-        sockets = [os.path.join(d, n) for d, dirs, files in os.walk("/") for n in dirs + files
-                   if stat.S_ISSOCK(os.lstat(os.path.join(d, n)).st_mode)]
+        sockets = [p for d, dirs, files in os.walk("/") for n in dirs + files
+                   if _is_socket(p := os.path.join(d, n))]
         return {"sockets": sockets, "entries": sorted(os.listdir("/")), **try_control(sock)}
 
     seen = await asyncio.to_thread(in_child, probe)
@@ -361,3 +361,11 @@ async def test_the_socket_also_answers_v1_models(served: Served) -> None:
     async with served.control.get("http://agent/v1/models") as r:
         assert r.status == 200
         assert [m["uri"] for m in json.loads(await r.text())["models"]] == [served.uri("m2.bin")]
+
+
+def _is_socket(path: str) -> bool:
+    """False for anything else, and for an entry that vanished while we walked (the agent writes temp files)."""
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
