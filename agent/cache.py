@@ -118,6 +118,9 @@ class Cache:
     def journal_path(self, model_id: str, revision: str) -> Path:
         return self.tmp / f"{model_id}.{revision}.journal"
 
+    def chunks_path(self, digest: str) -> Path:
+        return self.state / "chunks" / digest
+
     def tmp_download_path(self, src_id: str) -> Path:
         return self.tmp / f"{src_id}.incomplete"
 

@@ -143,6 +143,29 @@ class AgentSettings:
         "re-derive the node's model labels from the cache this often even unprompted (this agent's own fetches "
         "and evictions update them at once; this catches other processes, e.g. `weightcache-agent gc`)",
         "--node-resync-seconds")
+    peer_token_file: Path | None = _setting(None, "WEIGHTCACHE_PEER_TOKEN_FILE",  # noqa: RUF009
+                                            "the shared peer token (a mounted Secret); without it peer exchange "
+                                            "is off", "--peer-token-file")
+    peer_host: str = _setting("0.0.0.0", "WEIGHTCACHE_PEER_HOST", "address the peer port binds", "--peer-host")
+    peer_port: int = _setting(9401, "WEIGHTCACHE_PEER_PORT", "port this agent serves peers on", "--peer-port")
+    peers: str = _setting("", "WEIGHTCACHE_PEERS",
+                          "static peers, host:port,host:port (outside Kubernetes); else the agent's own pods",
+                          "--peers")
+    peer_address: str = _setting("", "WEIGHTCACHE_PEER_ADDRESS",
+                                 "this agent's own host:port as peers see it (default POD_IP:peer port): it is "
+                                 "dropped from the peer list", "--peer-address")
+    peer_selector: str = _setting("app.kubernetes.io/name=weightcache-agent", "WEIGHTCACHE_PEER_SELECTOR",
+                                  "label selector of the agent's pods in its namespace (peer discovery)",
+                                  "--peer-selector")
+    pod_namespace: str = _setting("", "POD_NAMESPACE", "the agent's namespace (downward API)", "--pod-namespace")
+    pod_ip: str = _setting("", "POD_IP", "the agent pod's IP (downward API)", "--pod-ip")
+    peer_timeout: float = _setting(5.0, "WEIGHTCACHE_PEER_TIMEOUT",
+                                   "a peer silent this long (connect or read) is dropped for the file",
+                                   "--peer-timeout")
+    peer_wait_seconds: float = _setting(
+        20.0, "WEIGHTCACHE_PEER_WAIT",
+        "wait at most this long for a chunk another agent is fetching from S3, then fetch it from S3",
+        "--peer-wait")
     log_format: str = _setting("auto", "WEIGHTCACHE_LOG_FORMAT", "json|text|auto (json unless a terminal)",
                                "--log-format")
     log_level: str = _setting("INFO", "WEIGHTCACHE_LOG_LEVEL", "DEBUG|INFO|WARNING|ERROR", "--log-level")
@@ -160,6 +183,10 @@ class AgentSettings:
             raise ConfigError(f"log format must be auto|json|text, got {self.log_format!r}")
         if self.max_bytes < 0 or self.min_free_bytes < 0:
             raise ConfigError("byte budgets must be ≥ 0")
+        if not 0 < self.peer_port < 65536:
+            raise ConfigError(f"peer port must be 1-65535, got {self.peer_port}")
+        if self.peer_timeout <= 0 or self.peer_wait_seconds < 0:
+            raise ConfigError("peer timeout must be > 0 s and peer wait ≥ 0 s")
         if self.node_resync_seconds <= 0:
             raise ConfigError(f"node resync interval must be > 0 s, got {self.node_resync_seconds}")
         if Path(os.path.abspath(self.control_socket)).is_relative_to(os.path.abspath(self.cache_dir)):

@@ -32,6 +32,7 @@ from agent.errors import ConfigError
 from agent.fetch import Fetcher
 from agent.http import StatusApi, start_servers
 from agent.maintenance import flush_pending
+from agent.peering import open_peering
 from agent.policy import Policy, load_policy
 from agent.reporting import WARNING, LogReporter, Reporter
 from agent.s3 import S3Client
@@ -106,10 +107,11 @@ async def run_daemon(settings: AgentSettings) -> int:
     else:
         reporter = LogReporter()
 
+    peering = open_peering(settings)
     async with S3Client(settings) as s3:
         holder: dict[str, Reconciler] = {}
         fetcher = Fetcher(settings, cache, s3, pinned=lambda: holder["r"].pinned_model_ids() if holder else set(),
-                          on_bytes=metrics.FETCH_BYTES.inc)
+                          on_bytes=_count_fetched, swarm=peering.swarm if peering else None)
         reconciler = Reconciler(settings=settings, cache=cache, fetcher=fetcher, reporter=reporter,
                                 policy=lambda: policies.policy, model_workers=settings.model_workers)
         holder["r"] = reconciler
@@ -118,6 +120,14 @@ async def run_daemon(settings: AgentSettings) -> int:
                         on_cache_change=reconciler.cache_changed)
         runners = await start_servers(api, host=settings.metrics_host, port=settings.metrics_port,
                                       socket_path=settings.control_socket)
+        if peering is not None:
+            try:
+                await peering.start(cache, fetcher.board, kube_api)
+            except BaseException:
+                await peering.aclose()
+                for r in runners:
+                    await r.cleanup()
+                raise
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -146,6 +156,8 @@ async def run_daemon(settings: AgentSettings) -> int:
             log.info("shutting down")
         finally:
             await _shutdown([*tasks, stopper], reconciler, runners, grace=settings.shutdown_grace_seconds)
+            if peering is not None:
+                await peering.aclose()
             # Published builds still flushing: finish them if the grace allows (unfinished ones stay unmarked and
             # are re-verified after a reboot, never served unchecked).
             with contextlib.suppress(TimeoutError):
@@ -156,6 +168,10 @@ async def run_daemon(settings: AgentSettings) -> int:
                 loop.remove_signal_handler(sig)
     log.info("stopped")
     return exit_code
+
+
+def _count_fetched(n: int, source: str) -> None:
+    metrics.FETCH_BYTES.labels(source=source).inc(n)
 
 
 def _log_flush_failure(task: asyncio.Task[int]) -> None:

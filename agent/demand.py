@@ -355,7 +355,7 @@ class Reconciler:
             else:
                 rate = result.downloaded_bytes / result.seconds if result.seconds > 0 else 0.0
                 detail = (f"cache {how}, fetched {format_size(result.downloaded_bytes)} in {result.seconds:.2f}s "
-                          f"({format_size(rate)}/s)")
+                          f"({format_size(rate)}/s; {format_size(result.peer_bytes)} from peers)")
             await self.reporter.pod_event(
                 d.pod, type=NORMAL, reason="WeightsReady",
                 message=f"{uri} ready at {result.path} ({format_size(result.total_bytes)}; {detail})")

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from agent import layout
 from agent.cache import Cache, Lookup
@@ -44,7 +44,11 @@ from agent.maintenance import flush_build
 from agent.manifest import Manifest, ManifestFile, PlannedFile, compute_revision, source_id
 from agent.publish import Build, journal_append, journal_clear, journal_read
 from agent.s3 import S3Client
+from agent.sourceboard import SharedSource, SourceBoard
 from agent.uris import ModelUri, parse_model_uri, validate_relative_key
+
+if TYPE_CHECKING:
+    from agent.swarm import Swarm
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +102,7 @@ class FetchResult:
     downloaded_bytes: int
     seconds: float
     hit: bool
+    peer_bytes: int = 0  # of downloaded_bytes, those that came from other agents
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +121,8 @@ class Fetcher:
 
     def __init__(self, settings: AgentSettings, cache: Cache, s3: S3Client, *,
                  pinned: Callable[[], set[str]] | None = None,
-                 on_bytes: Callable[[int], None] | None = None,
-                 flush_in_background: bool = True) -> None:
+                 on_bytes: Callable[[int, str], None] | None = None,
+                 flush_in_background: bool = True, swarm: Swarm | None = None) -> None:
         self.settings = settings
         self.cache = cache
         self.s3 = s3
@@ -129,7 +134,12 @@ class Fetcher:
         self._flush = settings.fsync and flush_in_background
         self._pinned = pinned or (lambda: set())
         self._on_bytes = on_bytes
-        self.bytes_downloaded = 0
+        self.bytes_downloaded = 0  # from S3 and peers alike
+        self.swarm = swarm
+        #: What this agent holds of the files it is fetching, for its peer server.
+        self.board = SourceBoard()
+        self._model_sources: dict[str, list[SharedSource]] = {}
+        self._peer_bytes: dict[str, int] = {}
 
     # ----- public ---------------------------------------------------------------------------------------
 
@@ -223,7 +233,7 @@ class Fetcher:
                     if ready is not None and not force and (
                             ready.via_outer or ready.manifest.revision == listing.revision):
                         return await self._hit(model, ready, started)
-                    downloaded = await self._fetch_locked(listing, progress, started)
+                    downloaded, peer_bytes = await self._fetch_locked(listing, progress, started)
             except OverlappingModelError:
                 # An outer prefix model was published while this one downloaded: serve from it if it can.
                 ready = await self._lookup(model)
@@ -238,15 +248,15 @@ class Fetcher:
             ready = await self._lookup(model)
             if ready is None:
                 raise WeightcacheError(f"{model}: published but not visible; is the cache root shared oddly?")
-            return self._result(model, ready, started, hit=False, downloaded=downloaded)
+            return self._result(model, ready, started, hit=False, downloaded=downloaded, peer_bytes=peer_bytes)
         raise AssertionError("unreachable")
 
     def _result(self, model: ModelUri, ready: Lookup, started: float, *, hit: bool,
-                downloaded: int = 0) -> FetchResult:
+                downloaded: int = 0, peer_bytes: int = 0) -> FetchResult:
         m = ready.manifest
         return FetchResult(uri=model.uri, path=ready.path, model_id=m.model_id, revision=m.revision,
                            total_bytes=m.total_bytes, downloaded_bytes=downloaded,
-                           seconds=time.monotonic() - started, hit=hit)
+                           seconds=time.monotonic() - started, hit=hit, peer_bytes=peer_bytes)
 
     def _plan_reuse(self, listing: Listing, build: Build) -> tuple[list[ManifestFile], list[PlannedFile]]:
         """Link what the cache already holds (this boot's journal, other models' blobs); the rest is to fetch."""
@@ -265,7 +275,8 @@ class Fetcher:
                 todo.append(f)
         return done, todo
 
-    async def _fetch_locked(self, listing: Listing, progress: ProgressFn | None, started: float) -> int:
+    async def _fetch_locked(self, listing: Listing, progress: ProgressFn | None,
+                            started: float) -> tuple[int, int]:
         model, revision = listing.uri, listing.revision
         cache = self.cache
         await asyncio.to_thread(cache.join_activity)  # a recovery elsewhere never deletes what we build
@@ -281,6 +292,8 @@ class Fetcher:
 
         # Every failure from here on (no room, a download, publishing) removes the staging tree: nothing of a
         # failed fetch stays under snapshots/ (partial downloads stay in tmp/, for resume).
+        self._model_sources[model.model_id] = []
+        self._peer_bytes[model.model_id] = 0
         try:
             done, todo = await _in_thread(self._plan_reuse, listing, build)
             if progress:
@@ -299,13 +312,19 @@ class Fetcher:
         except BaseException:
             await asyncio.to_thread(build.discard)
             raise
+        finally:
+            for entry in self._model_sources.pop(model.model_id, []):
+                self.board.close(entry)
+                if self.swarm is not None:
+                    self.swarm.client.forget(entry.source)
+            peer_bytes = self._peer_bytes.pop(model.model_id, 0)
         journal_clear(cache, model.model_id, revision)
         if self._flush:
             task = asyncio.create_task(asyncio.to_thread(flush_build, cache, build.final_dir),
                                        name=f"flush {model.uri}")
             self._flushes.add(task)
             task.add_done_callback(self._flush_done)
-        return downloaded
+        return downloaded, peer_bytes
 
     def _flush_done(self, task: asyncio.Task[bool]) -> None:
         self._flushes.discard(task)
@@ -338,43 +357,53 @@ class Fetcher:
         parts = plan_parts(f.size, part)
         header = (f"{PARTS_FORMAT} size={f.size} part={part} chunk={layout.CHUNK_SIZE} "
                   f"boot={layout.current_boot_id()}\n")
+        entry = self.board.open(src, f.size, tmp)
+        self._model_sources.setdefault(model.model_id, []).append(entry)
         if len(parts) <= 1:  # one GET: no part record
-            chunks = await self._fetch_whole(model, f, tmp, progress)
-            return await self._adopt(model, revision, f, tmp, layout.combine_chunk_digests(chunks), build)
+            chunks = await self._fetch_whole(model, f, tmp, entry, progress)
+            return await self._adopt(model, revision, f, tmp, chunks, build, entry)
         finished = await _in_thread(_open_record, tmp, record, header, f.size)
         if finished:
             log.info("%s: resuming: %d of %d parts already on disk", f.key, len(finished), len(parts))
+        for i, chunks in finished.items():
+            entry.put(parts[i][0] // layout.CHUNK_SIZE, chunks)
+        order = list(range(len(parts)))
+        if self.swarm is not None:  # the parts this agent fetches from S3 when all warm at once go first
+            swarm = self.swarm
+            order.sort(key=lambda i: not swarm.first_mine(src, parts[i][0] // layout.CHUNK_SIZE, 1, entry.chunks))
         fd = await asyncio.to_thread(os.open, tmp, os.O_RDWR)
         try:
             digests: dict[int, list[bytes]] = dict(finished)
             async with asyncio.TaskGroup() as tg:
-                for i, (start, length) in enumerate(parts):
+                for i in order:
                     if i not in finished:
-                        tg.create_task(self._fetch_part(model, f, fd, record, i, start, length, digests, progress),
+                        tg.create_task(self._fetch_part(model, f, fd, record, entry, i, parts[i], digests, progress),
                                        name=f"part {i} of {f.key}")
         finally:
             os.close(fd)
-        digest = layout.combine_chunk_digests(d for i in range(len(parts)) for d in digests[i])
-        entry = await self._adopt(model, revision, f, tmp, digest, build)
+        entry_ = await self._adopt(model, revision, f, tmp, [d for i in range(len(parts)) for d in digests[i]],
+                                   build, entry)
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(record.unlink)
-        return entry
+        return entry_
 
-    async def _adopt(self, model: ModelUri, revision: str, f: PlannedFile, tmp: Path, digest: str,
-                     build: Build) -> ManifestFile:
+    async def _adopt(self, model: ModelUri, revision: str, f: PlannedFile, tmp: Path, chunks: list[bytes],
+                     build: Build, shared: SharedSource) -> ManifestFile:
         size = await asyncio.to_thread(lambda: os.stat(tmp).st_size)
         if size != f.size:
             raise S3Error(f"{f.key}: downloaded {size} bytes, expected {f.size}")
+        digest = layout.combine_chunk_digests(chunks)
         entry = ManifestFile(path=f.relpath, size=f.size, xxh3_128=digest, key=f.key, etag=f.etag)
-        await _in_thread(build.adopt_file, tmp, digest=digest, size=f.size, relpath=f.relpath)
+        await _in_thread(build.adopt_file, tmp, digest=digest, size=f.size, relpath=f.relpath, chunks=chunks)
+        shared.completed(self.cache.blob_path(digest), digest)
         await _in_thread(journal_append, self.cache, model.model_id, revision, entry)
         return entry
 
-    def _progress_fn(self, progress: ProgressFn | None) -> Callable[[int], None]:
+    def _progress_fn(self, progress: ProgressFn | None, source: str = "s3") -> Callable[[int], None]:
         def on_progress(n: int) -> None:
             self.bytes_downloaded += n
             if self._on_bytes:
-                self._on_bytes(n)
+                self._on_bytes(n, source)
             if progress:
                 progress(n)
 
@@ -386,59 +415,85 @@ class Fetcher:
         return buffer if len(buffer) >= want else bytearray(want)
 
     @staticmethod
-    def _writer(fd: int, hasher: layout.ChunkedHasher) -> Callable[[int, memoryview], None]:
+    def _writer(fd: int, hasher: layout.ChunkedHasher, shared: SharedSource,
+                first_chunk: int) -> Callable[[int, memoryview], None]:
         """Runs in the GET's worker thread: pwrite, then hash the same bytes while they are hot in cache.
 
-        The data plane hands over bytes in order (a retry resumes after the last byte handed over), and a part
-        starts on a chunk boundary, so the part's chunk digests come out right whatever the retries.
+        The data plane hands over bytes in order (a retry resumes after the last byte handed over), and a range
+        starts on a chunk boundary, so the range's chunk digests come out right whatever the retries. Each chunk
+        is offered to peers as soon as it is written and hashed.
         """
 
         def write(offset: int, view: memoryview) -> None:
             _pwrite_all(fd, view, offset)
+            before = len(hasher.digests)
             hasher.update(view)
+            for k in range(before, len(hasher.digests)):
+                shared.digests[first_chunk + k] = hasher.digests[k]
 
         return write
 
-    async def _fetch_whole(self, model: ModelUri, f: PlannedFile, tmp: Path,
+    async def _fetch_whole(self, model: ModelUri, f: PlannedFile, tmp: Path, shared: SharedSource,
                            progress: ProgressFn | None) -> list[bytes]:
-        hasher = layout.ChunkedHasher()
-
         def abandon(fd: int) -> None:
             os.close(fd)
             tmp.unlink(missing_ok=True)
 
-        async with self._slots:
-            fd = await _in_thread(_create_preallocated, tmp, f.size, on_abandon=abandon)
-            buffer = self._take_buffer(f.size)
-            try:
-                if f.size:
-                    await self.s3.read_range(bucket=model.bucket, key=f.key, etag=f.etag, start=0, length=f.size,
-                                             buffer=buffer, write=self._writer(fd, hasher),
-                                             on_progress=self._progress_fn(progress))
-            except BaseException:
-                # One GET, no part record: a partial file here could never be resumed, so it goes now (a
-                # multi-part download keeps its finished parts in tmp/ instead, for the next attempt).
-                tmp.unlink(missing_ok=True)
-                raise
-            finally:
-                os.close(fd)
-                self._buffers.append(buffer)
-        return hasher.finish()
+        fd = await _in_thread(_create_preallocated, tmp, f.size, on_abandon=abandon)
+        try:
+            return await self._fetch_range(model, f, fd, shared, 0, f.size, progress) if f.size else []
+        except BaseException:
+            # One GET, no part record: a partial file here could never be resumed, so it goes now (a
+            # multi-part download keeps its finished parts in tmp/ instead, for the next attempt).
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
 
-    async def _fetch_part(self, model: ModelUri, f: PlannedFile, fd: int, record: Path, index: int, start: int,
-                          length: int, digests: dict[int, list[bytes]], progress: ProgressFn | None) -> None:
+    async def _fetch_part(self, model: ModelUri, f: PlannedFile, fd: int, record: Path, shared: SharedSource,
+                          index: int, part: tuple[int, int], digests: dict[int, list[bytes]],
+                          progress: ProgressFn | None) -> None:
+        chunks = await self._fetch_range(model, f, fd, shared, part[0], part[1], progress)
+        await _in_thread(_append_record, record, index, chunks)
+        digests[index] = chunks
+
+    async def _fetch_range(self, model: ModelUri, f: PlannedFile, fd: int, shared: SharedSource, start: int,
+                           length: int, progress: ProgressFn | None) -> list[bytes]:
+        """Bring ``[start, start+length)`` (chunk-aligned) to disk; its chunk digests. From S3, or, with peers,
+        from whichever peer holds it (:mod:`agent.swarm`)."""
+        swarm = self.swarm
+        if swarm is None or not swarm.membership.peers():
+            return await self._from_s3(model, f, fd, shared, start, length, progress)
+        chunk = layout.CHUNK_SIZE
+        mid = model.model_id
+        on_peer = self._progress_fn(progress, "peer")
+
+        async def s3_read(first: int, count: int) -> list[bytes]:
+            a = first * chunk
+            return await self._from_s3(model, f, fd, shared, a, min(count * chunk, f.size - a), progress)
+
+        def peer_bytes(n: int) -> None:
+            self._peer_bytes[mid] = self._peer_bytes.get(mid, 0) + n
+            on_peer(n)
+
+        return await swarm.fill(shared, start // chunk, -(-length // chunk), s3_read=s3_read,
+                                write=lambda offset, view: _pwrite_all(fd, view, offset), on_peer_bytes=peer_bytes)
+
+    async def _from_s3(self, model: ModelUri, f: PlannedFile, fd: int, shared: SharedSource, start: int,
+                       length: int, progress: ProgressFn | None) -> list[bytes]:
         hasher = layout.ChunkedHasher()
+        first_chunk = start // layout.CHUNK_SIZE
         async with self._slots:
             buffer = self._take_buffer(length)
             try:
                 await self.s3.read_range(bucket=model.bucket, key=f.key, etag=f.etag, start=start, length=length,
-                                         buffer=buffer, write=self._writer(fd, hasher),
+                                         buffer=buffer, write=self._writer(fd, hasher, shared, first_chunk),
                                          on_progress=self._progress_fn(progress))
             finally:
                 self._buffers.append(buffer)
         chunks = hasher.finish()
-        await _in_thread(_append_record, record, index, chunks)
-        digests[index] = chunks
+        shared.put(first_chunk, chunks)
+        return chunks
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:

@@ -138,6 +138,19 @@ class KubeApi:
             if not cont:
                 return items, str(meta.get("resourceVersion") or "")
 
+    def list_agent_pod_ips(self, namespace: str, selector: str) -> list[str]:
+        """The IPs of the running pods matching ``selector`` in ``namespace`` (the peer agents, this one too)."""
+        data = self._json(self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False,
+                                                        _request_timeout=self._timeout()))
+        ips: list[str] = []
+        for pod in data.get("items") or []:
+            status = pod.get("status") or {}
+            if (pod.get("metadata") or {}).get("deletionTimestamp") or status.get("phase") != "Running":
+                continue
+            if status.get("podIP"):
+                ips.append(str(status["podIP"]))
+        return ips
+
     def open_watch(self, resource_version: str) -> Any:
         return self.core.list_pod_for_all_namespaces(
             field_selector=f"spec.nodeName={self.node}", watch=True, resource_version=resource_version,

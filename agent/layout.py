@@ -10,7 +10,8 @@ Layout under the root::
     snapshots/<model-id>/<build>.incomplete/       a revision being built (never pointed at)
     snapshots/<model-id>/<build>.durable           marker: the build's bytes are known to be on disk
     models/s3/<bucket>/<key-or-prefix>             the published pointer: a relative symlink into a build's data
-    locks/  state/                                 flock files; mutable bookkeeping (last use, pins, replacements)
+    locks/  state/                                 flock files; mutable bookkeeping (last use, pins, replacements,
+                                                   state/chunks/<digest>: a blob's chunk digests, for peers)
 
 A build (``<revision>.<random>``) never changes once its directory lost the ``.incomplete`` suffix; swapping the
 pointer is the only step that makes it live. A reader therefore resolves the pointer *once* (``resolve``) and reads

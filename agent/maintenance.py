@@ -27,7 +27,7 @@ from pathlib import Path
 from agent import layout
 from agent.cache import Cache, atomic_write, fsync_dir
 from agent.manifest import Manifest, ManifestFile
-from agent.publish import record_replaced, replaced_at
+from agent.publish import forget_chunks, record_replaced, replaced_at
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ def _drop_unused_blobs(cache: Cache, digests: set[str]) -> int:
                 continue
             if st.st_nlink <= 1:
                 blob.unlink()
+                forget_chunks(cache, d)
                 freed += st.st_size
     return freed
 
@@ -158,6 +159,10 @@ def sweep_orphan_blobs(cache: Cache, *, min_age_seconds: float) -> int:
                 if st.st_nlink <= 1 and now - st.st_ctime >= min_age_seconds:
                     os.unlink(e.path)
                     freed += st.st_size
+        for e in os.scandir(cache.state / "chunks"):  # chunk digests of blobs gone
+            if not cache.blob_path(e.name).exists():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(e.path)
     return freed
 
 
@@ -232,6 +237,7 @@ def forget_blobs(cache: Cache, digests: set[str]) -> None:
         for d in digests:
             with contextlib.suppress(FileNotFoundError):
                 cache.blob_path(d).unlink()
+            forget_chunks(cache, d)
 
 
 def _swap_pointer(cache: Cache, m: Manifest, build: Path) -> None:

@@ -16,7 +16,17 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 CACHE_REQUESTS = Counter(
     "weightcache_cache_requests", "Demands for a model by a pod, counted when first seen: hit if already ready.",
     ["result"], registry=REGISTRY)
-FETCH_BYTES = Counter("weightcache_fetch_bytes", "Bytes of model data downloaded from S3.", registry=REGISTRY)
+FETCH_BYTES = Counter("weightcache_fetch_bytes", "Bytes of model data fetched, by source: s3 or peer (another agent).",
+                      ["source"], registry=REGISTRY)
+PEER_SERVED_BYTES = Counter("weightcache_peer_served_bytes", "Bytes this agent served to other agents.",
+                            registry=REGISTRY)
+PEER_ERRORS = Counter(
+    "weightcache_peer_errors",
+    "Peer exchange failures, by reason: unauthorized (a caller without the token, or a peer refusing ours), "
+    "refused (a peer answered an error), connection (unreachable or dropped), stalled (silent past the timeout), "
+    "corrupt (bytes that did not match their chunk digest). The bytes then come from another peer or S3.",
+    ["reason"], registry=REGISTRY)
+PEER_ERROR_REASONS = ("unauthorized", "refused", "connection", "stalled", "corrupt")
 FETCH_DURATION = Histogram(
     "weightcache_fetch_duration_seconds", "Time to make a model ready when it had to be fetched.",
     buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600), registry=REGISTRY)
@@ -56,6 +66,10 @@ HIT_LATENCY = Histogram(
 MODEL_STATES = ("pending", "fetching", "ready", "failed", "rejected")
 for _state in MODEL_STATES:
     MODELS.labels(state=_state)
+for _source in ("s3", "peer"):
+    FETCH_BYTES.labels(source=_source)
+for _reason in PEER_ERROR_REASONS:
+    PEER_ERRORS.labels(reason=_reason)
 for _result in ("hit", "miss"):
     CACHE_REQUESTS.labels(result=_result)
 for _reason in ("expired", "error", "inactive"):

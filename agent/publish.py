@@ -81,8 +81,12 @@ class Build:
                 d.mkdir()
         return dest
 
-    def adopt_file(self, tmp_file: Path, *, digest: str, size: int, relpath: str) -> None:
-        """Move a verified download into ``blobs/`` (or reuse an identical blob) and link it into the build."""
+    def adopt_file(self, tmp_file: Path, *, digest: str, size: int, relpath: str,
+                   chunks: list[bytes] | None = None) -> None:
+        """Move a verified download into ``blobs/`` (or reuse an identical blob) and link it into the build.
+
+        ``chunks`` (the file's chunk digests) are kept beside the blob, so peers can be served it chunk by chunk.
+        """
         blob = self.cache.blob_path(digest)
         try:
             dest = self._dest(relpath)
@@ -96,6 +100,8 @@ class Build:
                 with contextlib.suppress(FileNotFoundError):
                     dest.unlink()
                 os.link(blob, dest)
+                if chunks is not None:  # under the blob lock: a sweep never sees it without its blob
+                    record_chunks(self.cache, digest, chunks)
             tmp_file.unlink()
         except OSError as e:
             raise translate_oserror(e, f"storing {relpath}") from e
@@ -194,6 +200,38 @@ def replaced_at(cache: Cache, model_id: str, build: str) -> float | None:
         return None
 
 
+# ----- chunk digests of blobs, for peers -------------------------------------------------------------------
+
+
+def record_chunks(cache: Cache, digest: str, chunks: list[bytes]) -> None:
+    """Keep a blob's chunk digests (16 bytes each, in order) in ``state/chunks/<digest>``; best effort."""
+    if layout.combine_chunk_digests(chunks) != digest:
+        raise IntegrityError(f"chunk digests do not make up {digest}")
+    path = cache.chunks_path(digest)
+    if path.exists():
+        return
+    with contextlib.suppress(CacheError):  # lost, the blob is only not offered to peers
+        path.parent.mkdir(exist_ok=True)
+        atomic_write(path, b"".join(chunks))
+
+
+def read_chunks(cache: Cache, digest: str, size: int) -> list[bytes] | None:
+    """A blob's chunk digests, if recorded and consistent with its digest and size; else None."""
+    try:
+        data = cache.chunks_path(digest).read_bytes()
+    except OSError:
+        return None
+    chunks = [data[i:i + 16] for i in range(0, len(data), 16)]
+    if len(chunks) != -(-size // layout.CHUNK_SIZE) or layout.combine_chunk_digests(chunks) != digest:
+        return None
+    return chunks
+
+
+def forget_chunks(cache: Cache, digest: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        cache.chunks_path(digest).unlink()
+
+
 # ----- journal: files of a revision already verified, for resume ------------------------------------------
 
 
@@ -234,5 +272,5 @@ def journal_clear(cache: Cache, model_id: str, revision: str) -> None:
         cache.journal_path(model_id, revision).unlink()
 
 
-__all__ = ["FAILPOINT_ENV", "Build", "journal_append", "journal_clear", "journal_read", "record_replaced",
-           "replaced_at"]
+__all__ = ["FAILPOINT_ENV", "Build", "forget_chunks", "journal_append", "journal_clear", "journal_read",
+           "read_chunks", "record_chunks", "record_replaced", "replaced_at"]

@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() - last[0] < (0.3 if tty else 2.0):
                 return
             last[0] = time.monotonic()
-            fetched = scrape(f"{agent}/metrics").get("weightcache_fetch_bytes_total", 0.0)
+            fetched = sum(v for k, v in scrape(f"{agent}/metrics").items()
+                          if k.startswith("weightcache_fetch_bytes_total{"))  # S3 and peers
             pct = 100 * fetched / total if total else 0
             bar = "#" * int(pct / 4) + "-" * (25 - int(pct / 4))
             print(f"{chr(13) if tty else ''}    agent fetching [{bar}] {pct:5.1f}%  {fetched / 2**20:7.0f} MiB",

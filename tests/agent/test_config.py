@@ -41,10 +41,14 @@ def test_sizes_are_formatted_in_binary_units() -> None:
     assert format_size(3 * 1024**3 // 2) == "1.50 GiB"
 
 
+DOWNWARD_API = {"NODE_NAME", "POD_NAMESPACE", "POD_IP"}
+
+
 def test_every_setting_has_a_default_an_env_name_and_help() -> None:
     for f in dataclasses.fields(AgentSettings):
         assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, f.name
-        assert f.metadata["env"].startswith("WEIGHTCACHE_") or f.metadata["env"] == "NODE_NAME", f.name
+        # Downward-API values keep the names a pod spec gives them.
+        assert f.metadata["env"].startswith("WEIGHTCACHE_") or f.metadata["env"] in DOWNWARD_API, f.name
         assert f.metadata["help"], f.name
 
 

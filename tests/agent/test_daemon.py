@@ -121,7 +121,7 @@ def test_a_pods_model_is_fetched_and_reported_as_a_miss(cluster: Cluster) -> Non
     assert (cluster.model_path("m1") / "weights.bin").read_bytes() == bytes(range(256)) * 12
     assert agent.metric("weightcache_cache_requests_total", result="miss") == 1
     assert agent.metric("weightcache_cache_requests_total", result="hit") == 0
-    assert agent.metric("weightcache_fetch_bytes_total") == total
+    assert agent.metric("weightcache_fetch_bytes_total", source="s3") == total
 
 
 def test_a_second_pod_on_a_cached_model_is_a_hit_and_its_event_is_fast(cluster: Cluster) -> None:
@@ -358,7 +358,7 @@ def test_a_namespace_outside_the_policy_gets_a_warning_and_nothing_is_fetched(cl
     assert denied["type"] == "Warning" and cluster.uri("m1/") in denied["message"]
     time.sleep(0.5)  # room for a wrong fetch to start
     assert not cluster.model_path("m1").exists()
-    assert agent.metric("weightcache_fetch_bytes_total") == 0
+    assert agent.metric("weightcache_fetch_bytes_total", source="s3") == 0
     assert agent.metric("weightcache_policy_rejections_total", reason="PolicyDenied") == 1
     assert {e["reason"] for e in events_for(cluster.kube, "intruder")} == {"PolicyDenied"}
 
@@ -420,7 +420,7 @@ def test_sigterm_during_a_fetch_exits_cleanly_and_the_fetch_resumes(cluster: Clu
         env = cluster.env(AWS_ENDPOINT_URL=proxy.url, WEIGHTCACHE_SHUTDOWN_GRACE_SECONDS="5")
         agent = cluster.start(env=env)
         cluster.kube.add_pod(pod_manifest("p1", cluster.uri("big/")))
-        wait_until(lambda: agent.metric("weightcache_fetch_bytes_total") >= 2 * MiB,
+        wait_until(lambda: agent.metric("weightcache_fetch_bytes_total", source="s3") >= 2 * MiB,
                    what="two parts downloaded while the third stalls", agent=agent)
         assert agent.metric("weightcache_fetch_in_progress") == 1
 
@@ -435,7 +435,7 @@ def test_sigterm_during_a_fetch_exits_cleanly_and_the_fetch_resumes(cluster: Clu
     again = cluster.start(log="agent2.log")
     cluster.wait_event("p1", "WeightsReady", again)
     assert (cluster.model_path("big") / "weights.bin").read_bytes() == data
-    assert again.metric("weightcache_fetch_bytes_total") <= 1 * MiB, "only the missing part is fetched again"
+    assert again.metric("weightcache_fetch_bytes_total", source="s3") <= 1 * MiB, "only the missing part is fetched again"
     assert re.search(r"resuming: 2 of 3 parts", again.log_text()), again.log_tail()
 
 

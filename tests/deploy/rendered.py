@@ -6,7 +6,7 @@ Everything here reads files and runs `kubectl kustomize`; it must never contact 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,19 @@ def containers(template: PodTemplate) -> Iterator[Obj]:
 
 def env_map(container: Obj) -> dict[str, Obj]:
     return {e["name"]: e for e in container.get("env", [])}
+
+
+def selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """A LabelSelector's meaning (matchLabels and matchExpressions), as the API server applies it; {} selects all."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for req in selector.get("matchExpressions") or []:
+        key, op, values = req["key"], req["operator"], req.get("values") or []
+        ok = {"In": key in labels and labels[key] in values, "NotIn": key not in labels or labels[key] not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
 
 
 def dashboard() -> Obj:

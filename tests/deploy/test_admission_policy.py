@@ -22,7 +22,7 @@ import celpy  # a declared test dependency (cel-python): missing, these tests mu
 import pytest
 from celpy import celtypes
 
-from .rendered import Obj, entry_id, env_map, find, pod_templates
+from .rendered import Obj, entry_id, env_map, find, pod_templates, selects
 
 POLICY = "weightcache-protect-node-cache"
 AGENT_NAMESPACE = "weightcache-system"
@@ -49,25 +49,12 @@ def _program(expression: str) -> Any:
     return env.program(env.compile(expression), functions=FUNCTIONS)
 
 
-def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
-    """A LabelSelector's meaning (matchLabels and matchExpressions), as the API server applies it."""
-    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
-        return False
-    for req in selector.get("matchExpressions") or []:
-        key, op, values = req["key"], req["operator"], req.get("values") or []
-        ok = {"In": key in labels and labels[key] in values, "NotIn": key not in labels or labels[key] not in values,
-              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
-        if not ok:
-            return False
-    return True
-
-
 def admission(policy: Obj, pod: Obj, *, namespace: str, operation: str = "CREATE",
               subresource: str = "") -> list[str]:
     """The messages of the validations that fail for this request; [] when the pod is admitted (or not matched)."""
     spec = policy["spec"]
     namespace_labels = {"kubernetes.io/metadata.name": namespace}
-    if not _selects(spec["matchConstraints"].get("namespaceSelector") or {}, namespace_labels):
+    if not selects(spec["matchConstraints"].get("namespaceSelector") or {}, namespace_labels):
         return []
     resource = "pods" + (f"/{subresource}" if subresource else "")
     if not any(resource in r["resources"] and operation in r["operations"]

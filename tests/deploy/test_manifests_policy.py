@@ -218,7 +218,8 @@ def test_daemonset_sets_only_real_agent_settings(base: list[Obj]) -> None:
 def test_daemonset_env_values_load_as_agent_settings(base: list[Obj]) -> None:
     config = _agent_settings()
     agent = _agent(base).spec["containers"][0]
-    settings = config.load_settings(env=_env_values(agent, NODE_NAME="node-a"))
+    settings = config.load_settings(env=_env_values(agent, NODE_NAME="node-a", POD_NAMESPACE="weightcache-system",
+                                                    POD_IP="10.0.0.7"))
     assert settings.node_name == "node-a"
     assert settings.max_bytes > 0, "the DaemonSet should set a cache budget"
 
@@ -234,7 +235,8 @@ def test_metrics_port_matches_the_agent_default_and_the_probes(base: list[Obj]) 
     port = int(env_map(agent)["WEIGHTCACHE_METRICS_PORT"]["value"])
     assert port == fields["WEIGHTCACHE_METRICS_PORT"].default == 9400
     ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
-    assert ports == {"metrics": port}
+    # The metrics port and the peer port (checked in test_peers.py), nothing else.
+    assert ports == {"metrics": port, "peer": int(env_map(agent)["WEIGHTCACHE_PEER_PORT"]["value"])}
     paths = {probe: agent[probe]["httpGet"] for probe in ("startupProbe", "livenessProbe", "readinessProbe")}
     assert {h["port"] for h in paths.values()} == {"metrics"}
     assert paths["livenessProbe"]["path"] == "/healthz"

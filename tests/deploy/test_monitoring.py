@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -42,9 +43,16 @@ DASHBOARD_MUST_SHOW = (
     "weightcache_cache_bytes_capacity",
     "weightcache_evictions_total",
     "weightcache_evicted_bytes_total",
+    # Issue 13 (peers): what peers save, what they serve, how they fail.
+    "weightcache_peer_served_bytes_total",
+    "weightcache_peer_errors_total",
 )
 ALERTS = {"WeightcacheAgentDown", "WeightcacheFetchFailures", "WeightcacheCacheNearlyFull",
-          "WeightcacheHitRateLow", "WeightcacheColdStartSlow"}
+          "WeightcacheHitRateLow", "WeightcacheColdStartSlow", "WeightcachePeerErrors"}
+PEER_SAVINGS_PANEL = "S3 egress saved by peers"
+# `sum` or `sum by (...)` directly around rate/increase of the fetch-bytes counter; group 1 is the `by` list.
+_SUMMED_FETCH_BYTES = re.compile(
+    r"sum\s*(?:by\s*\(([^)]*)\)\s*)?\(\s*(?:rate|increase)\(\s*weightcache_fetch_bytes_total\{([^}]*)\}")
 
 
 def _prometheus_rule(monitoring: list[Obj]) -> Obj:
@@ -92,6 +100,52 @@ def test_dashboard_shows_fetches_fill_and_evictions_per_node() -> None:
     assert "node" in variables and variables["node"]["includeAll"]
     per_node = [q for q in queries if "weightcache_" in q.expr and "up{" not in q.expr]
     assert all('node=~"$node"' in q.expr for q in per_node), [q.source for q in per_node]
+
+
+def _panel(title: str) -> dict[str, Any]:
+    return next(p for p in dashboard()["panels"] if p["title"] == title)
+
+
+def test_dashboard_shows_the_s3_egress_that_peers_save() -> None:
+    panel = _panel(PEER_SAVINGS_PANEL)
+    ratio, saved = panel["targets"]
+    # The share: bytes from peers over bytes from every source, over the dashboard's range.
+    numerator, _, denominator = ratio["expr"].rpartition(" / ")
+    assert 'weightcache_fetch_bytes_total{source="peer"' in numerator and "[$__range]" in numerator
+    assert "weightcache_fetch_bytes_total{" in denominator and "source" not in denominator
+    assert panel["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    # The bytes themselves, in bytes.
+    assert 'weightcache_fetch_bytes_total{source="peer"' in saved["expr"] and " / " not in saved["expr"]
+    units = {o["matcher"]["options"]: p["value"] for o in panel["fieldConfig"]["overrides"]
+             if o["matcher"]["id"] == "byFrameRefID" for p in o["properties"] if p["id"] == "unit"}
+    assert units == {saved["refId"]: "bytes"}
+
+
+def test_dashboard_shows_peer_errors_by_reason_and_bytes_served() -> None:
+    targets = [t for p in dashboard()["panels"] for t in p.get("targets", [])]
+    errors = [t for t in targets if "weightcache_peer_errors_total" in t["expr"]]
+    assert errors and all("{{reason}}" in t["legendFormat"] for t in errors)
+    assert all(re.search(r"sum by \([^)]*\breason\b", t["expr"]) for t in errors)
+    assert any("weightcache_peer_served_bytes_total" in t["expr"] for t in targets)
+
+
+def test_fetch_bytes_are_summed_over_their_source_or_split_by_it(monitoring: list[Obj]) -> None:
+    # weightcache_fetch_bytes_total has a series per source (s3, peer): a query that neither sums over the
+    # label nor names a source would draw two lines where one total was meant.
+    exprs = [(q.source, q.expr, "") for q in rule_queries(_prometheus_rule(monitoring))]
+    exprs += [(f"panel {p['title']!r}", t["expr"], t.get("legendFormat", ""))
+              for p in dashboard()["panels"] for t in p.get("targets", [])]
+    reading = [(where, expr, legend) for where, expr, legend in exprs if "weightcache_fetch_bytes_total" in expr]
+    assert reading
+    for where, expr, legend in reading:
+        summed = _SUMMED_FETCH_BYTES.findall(expr)
+        assert len(summed) == expr.count("weightcache_fetch_bytes_total"), f"{where}: {expr}"
+        for by, matchers in summed:
+            if "source" in by:
+                assert "{{source}}" in legend, f"{where}: split by source without saying which"
+            elif "source" not in matchers:
+                # A total over every source: a title may not call it S3 alone.
+                assert not ("S3" in where and "peer" not in where.lower()), f"{where} sums S3 and peer bytes"
 
 
 def test_dashboard_panel_ids_are_unique() -> None:
@@ -312,6 +366,11 @@ def test_every_dashboard_query_and_alert_evaluates_with_data_on_a_real_prometheu
     first = _panels_in_reading_order()[0]["targets"][0]["expr"]
     value = float(api.query(substitute_grafana_variables(first))["data"]["result"][0]["value"][1])
     assert math.isfinite(value) and 0 < value < 1, value
+
+    # No peers here: every fetched byte came from S3, and the peer-savings panel says 0 (not "no data").
+    assert _has_data(api.query('sum(weightcache_fetch_bytes_total{source="s3"}) > 0'))
+    ratio = _panel(PEER_SAVINGS_PANEL)["targets"][0]["expr"]
+    assert float(api.query(substitute_grafana_variables(ratio))["data"]["result"][0]["value"][1]) == 0
 
     # Prometheus itself loaded and evaluated every alert rule without error.
     groups = api.get("/api/v1/rules")["data"]["groups"]
