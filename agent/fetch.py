@@ -60,6 +60,8 @@ MAX_PART_SIZE = 64 * 1024 * 1024
 #: fds and page-cache dirtying stay bounded for models of thousands of files.
 MAX_OPEN_FILES_PER_SLOT = 2
 PARTS_FORMAT = "weightcache-parts v2"
+#: A fetched model's files stay on the peer board this long after its fetch ends (> the peer index's refresh).
+BOARD_LINGER_SECONDS = 3.0
 #: A model whose objects keep changing under us is re-listed this many times before the fetch fails.
 MAX_RELISTS = 3
 
@@ -305,6 +307,10 @@ class Fetcher:
                              pinned=self._pinned() | {model.model_id}, for_uri=model.uri)
             log.info("%s: fetching %d files (%d bytes; %d files already cached) revision %s", model, len(todo),
                      sum(f.size for f in todo), len(done), revision)
+            if self.swarm is not None:  # files this agent fetches from S3 when all warm at once go first
+                swarm = self.swarm
+                todo.sort(key=lambda f: not swarm.first_mine(
+                    source_id(model.bucket, f.key, f.etag, f.size), 0, 1, -(-f.size // layout.CHUNK_SIZE)))
             results = await _gather_all(self.download_file(model, revision, f, build, counted) for f in todo)
             done.extend(results)
             done.sort(key=lambda f: f.path)
@@ -313,10 +319,9 @@ class Fetcher:
             await asyncio.to_thread(build.discard)
             raise
         finally:
-            for entry in self._model_sources.pop(model.model_id, []):
-                self.board.close(entry)
-                if self.swarm is not None:
-                    self.swarm.client.forget(entry.source)
+            # Offered from the board a little longer: until the peer server's index of live models has it.
+            entries = self._model_sources.pop(model.model_id, [])
+            asyncio.get_running_loop().call_later(BOARD_LINGER_SECONDS, self._unshare, entries)
             peer_bytes = self._peer_bytes.pop(model.model_id, 0)
         journal_clear(cache, model.model_id, revision)
         if self._flush:
@@ -325,6 +330,12 @@ class Fetcher:
             self._flushes.add(task)
             task.add_done_callback(self._flush_done)
         return downloaded, peer_bytes
+
+    def _unshare(self, entries: list[SharedSource]) -> None:
+        for entry in entries:
+            self.board.close(entry)
+            if self.swarm is not None:
+                self.swarm.client.forget(entry.source)
 
     def _flush_done(self, task: asyncio.Task[bool]) -> None:
         self._flushes.discard(task)

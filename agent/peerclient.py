@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import http.client
 import logging
+import math
 import socket
 import threading
 import time
@@ -32,6 +33,7 @@ from agent.config import AgentSettings
 from agent.peerwire import (
     CHUNKS_HEADER,
     DATA_PATH,
+    MAX_STATE_BATCH,
     STATE_PATH,
     PeerAddress,
     PeerToken,
@@ -47,14 +49,21 @@ MEMBERSHIP_REFRESH_SECONDS = 15.0
 #: A source's peer views are asked for again after this long (waiting fetches poll this often).
 VIEW_MAX_AGE_SECONDS = 0.15
 STATE_TIMEOUT_SECONDS = 2.0
+#: A peer whose state request failed (not up yet, restarting) is asked again after this long.
+STATE_RETRY_SECONDS = 1.0
+#: A peer whose read answered "not held" is asked again after this long.
+NOT_HELD_RETRY_SECONDS = 0.2
 
 
 class PeerError(Exception):
     """A peer could not supply what was asked; ``reason`` is a ``weightcache_peer_errors_total`` label."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
+        #: The peer no longer (or not yet) holds what its state said — a file moving into the cache, a model
+        #: just evicted: asked again shortly, not written off for the file.
+        self.transient = transient
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +147,16 @@ class PeerClient:
         self._pool = ThreadPoolExecutor(max_workers=max(2, settings.concurrency), thread_name_prefix="peer")
         self._local = threading.local()
         self._views: dict[str, _Views] = {}
-        self._dropped: dict[str, set[PeerAddress]] = {}
+        #: Peers not to ask about a source until a time (monotonic): for good after a failed read, briefly after
+        #: a failed state request (a peer whose port is not up yet is asked again, not written off).
+        self._dropped: dict[str, dict[PeerAddress, float]] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._pending: dict[str, tuple[int, asyncio.Future[list[PeerView]]]] = {}
+        self._flusher: asyncio.Task[None] | None = None
 
     async def aclose(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
         if self._session is not None:
             await self._session.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -151,11 +166,16 @@ class PeerClient:
         self._views.pop(source, None)
         self._dropped.pop(source, None)
 
-    def drop(self, source: str, peer: PeerAddress, error: PeerError) -> None:
-        if peer not in self._dropped.setdefault(source, set()):
+    def drop(self, source: str, peer: PeerAddress, error: PeerError, *, for_seconds: float = math.inf) -> None:
+        if error.transient:
+            for_seconds = min(for_seconds, NOT_HELD_RETRY_SECONDS)
+        dropped = self._dropped.setdefault(source, {})
+        if peer not in dropped and for_seconds == math.inf:
             log.warning("peer %s dropped for source %s (%s): %s", peer, source[:12], error.reason, error)
+        elif peer not in dropped:
+            log.debug("peer %s unavailable for source %s (%s): %s", peer, source[:12], error.reason, error)
         metrics.PEER_ERRORS.labels(reason=error.reason).inc()
-        self._dropped[source].add(peer)
+        dropped[peer] = max(dropped.get(peer, 0.0), time.monotonic() + for_seconds)
         entry = self._views.get(source)
         if entry is not None:
             entry.views = [v for v in entry.views if v.peer != peer]
@@ -163,41 +183,71 @@ class PeerClient:
     # ----- what peers hold --------------------------------------------------------------------------------
 
     async def views(self, source: str, size: int) -> list[PeerView]:
-        """What each usable peer holds of ``source`` (peers that do not know it are left out); cached briefly."""
+        """What each usable peer holds of ``source`` (peers that do not know it are left out); cached briefly.
+
+        Asked in batches: every source asked for in the same turn of the loop goes to each peer in one request,
+        so a model of thousands of small files costs a few requests per peer, not thousands.
+        """
         entry = self._views.setdefault(source, _Views())
         if time.monotonic() - entry.at < VIEW_MAX_AGE_SECONDS:
             return entry.views
         async with entry.lock:
             if time.monotonic() - entry.at >= VIEW_MAX_AGE_SECONDS:
-                dropped = self._dropped.get(source, set())
-                peers = [p for p in self.membership.peers() if p not in dropped]
-                answers = await asyncio.gather(*(self._state(p, source, size) for p in peers))
-                entry.views = [v for v in answers if v is not None]
+                future: asyncio.Future[list[PeerView]] = asyncio.get_running_loop().create_future()
+                self._pending[source] = (size, future)
+                if self._flusher is None or self._flusher.done():
+                    self._flusher = asyncio.create_task(self._flush(), name="peer-state")
+                entry.views = await future
                 entry.at = time.monotonic()
         return entry.views
 
-    async def _state(self, peer: PeerAddress, source: str, size: int) -> PeerView | None:
+    async def _flush(self) -> None:
+        while self._pending:
+            await asyncio.sleep(0)  # let every fetch of this turn add its sources
+            batch = dict(list(self._pending.items())[:MAX_STATE_BATCH])
+            for source in batch:
+                del self._pending[source]
+            now = time.monotonic()
+            peers = self.membership.peers()
+            asked = {p: [s for s in batch if self._dropped.get(s, {}).get(p, 0.0) <= now] for p in peers}
+            answers = await asyncio.gather(*(self._states(p, srcs, batch) for p, srcs in asked.items() if srcs))
+            for source, (_size, future) in batch.items():
+                if not future.done():
+                    future.set_result([views[source] for views in answers if source in views])
+
+    async def _states(self, peer: PeerAddress, sources: list[str],
+                      batch: dict[str, tuple[int, asyncio.Future[list[PeerView]]]]) -> dict[str, PeerView]:
+        """One peer's state of ``sources`` (those it does not know are left out)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
                 total=min(STATE_TIMEOUT_SECONDS, self.settings.peer_timeout)))
-        url = f"http://{peer}{STATE_PATH.format(source=source)}"
+        out: dict[str, PeerView] = {}
         try:
-            async with self._session.get(url, headers=self.token.header()) as resp:
-                if resp.status == 404:
-                    return None
+            async with self._session.post(f"http://{peer}{STATE_PATH}", json={"sources": sources},
+                                          headers=self.token.header()) as resp:
                 if resp.status in (401, 403):
                     raise PeerError("unauthorized", f"{peer} refused our peer token (HTTP {resp.status})")
                 if resp.status != 200:
                     raise PeerError("refused", f"{peer} answered HTTP {resp.status} to a state request")
                 body: dict[str, Any] = await resp.json()
-            return _view(peer, body, size)
+            for source, state in (body.get("sources") or {}).items():
+                if source in batch and state is not None:
+                    view = _view(peer, state, batch[source][0])
+                    if view is not None:
+                        out[source] = view
+            return out
         except PeerError as e:
-            self.drop(source, peer, e)
+            for source in sources:
+                self.drop(source, peer, e)
         except TimeoutError as e:
-            self.drop(source, peer, PeerError("stalled", f"state request timed out: {e!r}"))
+            for source in sources:
+                self.drop(source, peer, PeerError("stalled", f"state request timed out: {e!r}"),
+                          for_seconds=STATE_RETRY_SECONDS)
         except (aiohttp.ClientError, OSError, ValueError, KeyError, TypeError) as e:
-            self.drop(source, peer, PeerError("connection", f"state request failed: {e!r}"))
-        return None
+            for source in sources:
+                self.drop(source, peer, PeerError("connection", f"state request failed: {e!r}"),
+                          for_seconds=STATE_RETRY_SECONDS)
+        return {}
 
     # ----- reading chunks ----------------------------------------------------------------------------------
 
@@ -237,7 +287,8 @@ class PeerClient:
             if resp.status != 206:
                 resp.read(64 * 1024)
                 reason = "unauthorized" if resp.status in (401, 403) else "refused"
-                raise PeerError(reason, f"HTTP {resp.status} for chunks {job.first}+{job.count}")
+                raise PeerError(reason, f"HTTP {resp.status} for chunks {job.first}+{job.count}",
+                                transient=resp.status in (404, 409))
             digests = [bytes.fromhex(h) for h in (resp.getheader(CHUNKS_HEADER) or "").split(",") if h]
             if len(digests) != job.count or resp.getheader("Content-Length") != str(length):
                 raise PeerError("refused", "answer does not cover the chunks asked for")

@@ -24,9 +24,17 @@ from aiohttp.typedefs import Handler
 from agent import layout, metrics
 from agent.cache import Cache
 from agent.manifest import source_id
-from agent.peerwire import CHUNKS_HEADER, SOURCE_RE, PeerToken, chunk_count, encode_bits
+from agent.peerwire import (
+    CHUNKS_HEADER,
+    MAX_STATE_BATCH,
+    SOURCE_RE,
+    STATE_PATH,
+    PeerToken,
+    chunk_count,
+    encode_bits,
+)
 from agent.publish import read_chunks
-from agent.sourceboard import SourceBoard
+from agent.sourceboard import SharedSource, SourceBoard
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,7 @@ log = logging.getLogger(__name__)
 INDEX_TTL_SECONDS = 2.0
 #: One answer covers at most this many chunks (the fetching side asks for less).
 MAX_RANGE_CHUNKS = 64
+SETTLE_POLLS = 20
 _RANGE_RE = re.compile(r"bytes=(\d+)-(\d+)")
 
 
@@ -55,7 +64,7 @@ class PeerServer:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
-        app.router.add_get("/v1/peer/sources/{source}/state", self.state)
+        app.router.add_post(STATE_PATH, self.state)
         app.router.add_get("/v1/peer/sources/{source}", self.data)
         return app
 
@@ -74,26 +83,39 @@ class PeerServer:
     # ----- routes ---------------------------------------------------------------------------------------
 
     async def state(self, request: web.Request) -> web.Response:
-        source = _source(request)
+        try:
+            body = await request.json()
+            sources = body["sources"]
+            if not isinstance(sources, list) or len(sources) > MAX_STATE_BATCH:
+                raise ValueError(f"sources: a list of at most {MAX_STATE_BATCH}")
+        except (ValueError, KeyError, TypeError) as e:
+            raise web.HTTPBadRequest(text=f"expected {{\"sources\": [source ids]}}: {e}\n") from None
+        out: dict[str, dict[str, object] | None] = {}
+        for source in sources:
+            if isinstance(source, str) and SOURCE_RE.fullmatch(source):
+                out[source] = await self._state_of(source)
+        return web.json_response({"sources": out})
+
+    async def _state_of(self, source: str) -> dict[str, object] | None:
         entry = self.board.get(source)
         if entry is not None:
             complete = bool(entry.digest)
-            body = {"size": entry.size, "chunk_size": layout.CHUNK_SIZE, "complete": complete,
-                    "digest": entry.digest or None}
+            body: dict[str, object] = {"size": entry.size, "chunk_size": layout.CHUNK_SIZE, "complete": complete,
+                                       "digest": entry.digest or None}
             if not complete:
                 body["have"] = encode_bits(entry.have_bits())
                 body["busy"] = encode_bits(bytes(entry.busy))
-            return web.json_response(body)
+            return body
         live = await self._live(source)
         if live is None or await self._live_chunks(live) is None:
-            raise web.HTTPNotFound(text="source not held\n")
-        return web.json_response({"size": live.size, "chunk_size": layout.CHUNK_SIZE, "complete": True,
-                                  "digest": live.digest})
+            return None
+        return {"size": live.size, "chunk_size": layout.CHUNK_SIZE, "complete": True, "digest": live.digest}
 
     async def data(self, request: web.Request) -> web.StreamResponse:
         source = _source(request)
         entry = self.board.get(source)
         if entry is not None:
+            await _settled(entry)
             path, size = entry.path, entry.size
             first, count = _chunk_range(request, size)
             digests = entry.held(first, count)
@@ -140,6 +162,16 @@ class PeerServer:
             while len(self._chunks) > 16:
                 self._chunks.popitem(last=False)
         return chunks
+
+
+async def _settled(entry: SharedSource) -> None:
+    """Wait out the moment a finished download moves from tmp/ into blobs/ (its old path gone, the new not set)."""
+    for _ in range(SETTLE_POLLS):
+        if entry.digest:
+            return
+        if await asyncio.to_thread(entry.path.exists):
+            return
+        await asyncio.sleep(0.01)
 
 
 class _CountedFile(web.FileResponse):

@@ -7,9 +7,10 @@ whole digest chunks (:data:`agent.layout.CHUNK_SIZE`); every ranged answer carri
 chunks it covers, recorded when the serving agent received them from S3 (or from a verified peer), so the fetching
 agent checks every chunk before it writes it.
 
-    GET /v1/peer/sources/<source-id>/state   → JSON: size, chunk_size, digest (when complete), have, busy
-    GET /v1/peer/sources/<source-id>         → 206 with ``Range: bytes=a-b`` (chunk-aligned), header
-                                               ``X-Weightcache-Chunks: <hex>,<hex>,…``
+    POST /v1/peer/state  {"sources": [<id>, …]}  → {"sources": {<id>: null | {size, chunk_size, complete,
+                                                   digest (when complete), have, busy (base64 bitmaps)}}}
+    GET /v1/peer/sources/<source-id>             → 206 with ``Range: bytes=a-b`` (chunk-aligned), header
+                                                   ``X-Weightcache-Chunks: <hex>,<hex>,…``
 
 Every request presents ``Authorization: Bearer <token>``: none is 401, a wrong one 403, for any path.
 """
@@ -29,9 +30,11 @@ from agent.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-STATE_PATH = "/v1/peer/sources/{source}/state"
+STATE_PATH = "/v1/peer/state"
 DATA_PATH = "/v1/peer/sources/{source}"
 CHUNKS_HEADER = "X-Weightcache-Chunks"
+#: Sources asked of one peer in one state request.
+MAX_STATE_BATCH = 1024
 #: A source id is the hex of an xxh3-128: anything else is refused before it reaches a path.
 SOURCE_RE = re.compile(r"[0-9a-f]{32}")
 #: The token file is read again at most this often, so a rotated Secret takes effect without a restart.
