@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 START_GRACE_SECONDS = 1.0
 #: Chunks asked of a peer in one request.
 MAX_PEER_REQUEST_CHUNKS = 16
+#: Chunks read from S3 in one request: of a run this agent owns, and of a run it takes over from another.
+MAX_S3_RUN_CHUNKS = 16
+TAKEOVER_RUN_CHUNKS = 4
 
 S3Read = Callable[[int, int], Awaitable[list[bytes]]]
 
@@ -89,8 +92,11 @@ class Swarm:
                          now - waiting_since)
                 entry.given_up.update(str(v.peer) for v in views if v.fetching(pos))
                 entry.given_up.add(self.owner(source, pos, chunks)[0])
+            # Short S3 reads, so the choice is made again with fresh views: shorter still when taking over chunks
+            # another agent owns (it may turn up and start on them meanwhile).
+            limit = pos + (MAX_S3_RUN_CHUNKS if self.owner(source, pos, chunks)[1] else TAKEOVER_RUN_CHUNKS)
             stop = pos + 1
-            while stop < end and not self._taken_elsewhere(entry, stop, views, chunks):
+            while stop < min(end, limit) and not self._taken_elsewhere(entry, stop, views, chunks):
                 stop += 1
             entry.mark_busy(pos, stop - pos, 1)
             try:
