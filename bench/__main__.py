@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         "fetch": [sys.executable, "-m", "bench.fetch", "--size", "256MiB" if q else "2GiB", "--runs", "1" if q else "3"],
         "coldstart": [sys.executable, "bench/coldstart.py", "--size", "256MiB" if q else "2GiB",
                       "--runs", "1" if q else "3"],
-        "scaleup": [sys.executable, "-m", "bench.scaleup", "--size", "128MiB" if q else "512MiB"],
+        "scaleup": [sys.executable, "-m", "bench.scaleup", "--size", "128MiB" if q else "256MiB"],
         "footprint": [sys.executable, "bench/agent_footprint.py"],
         "soak": [sys.executable, "-m", "bench.soak", *(["--quick"] if q else [])],
         "s3stacks": [sys.executable, "-m", "bench.s3stacks",
