@@ -142,6 +142,7 @@ class Fetcher:
         self.board = SourceBoard()
         self._model_sources: dict[str, list[SharedSource]] = {}
         self._peer_bytes: dict[str, int] = {}
+        self._model_started: dict[str, float] = {}
 
     # ----- public ---------------------------------------------------------------------------------------
 
@@ -296,6 +297,7 @@ class Fetcher:
         # failed fetch stays under snapshots/ (partial downloads stay in tmp/, for resume).
         self._model_sources[model.model_id] = []
         self._peer_bytes[model.model_id] = 0
+        self._model_started[model.model_id] = time.monotonic()
         try:
             done, todo = await _in_thread(self._plan_reuse, listing, build)
             if progress:
@@ -323,6 +325,7 @@ class Fetcher:
             entries = self._model_sources.pop(model.model_id, [])
             asyncio.get_running_loop().call_later(BOARD_LINGER_SECONDS, self._unshare, entries)
             peer_bytes = self._peer_bytes.pop(model.model_id, 0)
+            self._model_started.pop(model.model_id, None)
         journal_clear(cache, model.model_id, revision)
         if self._flush:
             task = asyncio.create_task(asyncio.to_thread(flush_build, cache, build.final_dir),
@@ -368,7 +371,7 @@ class Fetcher:
         parts = plan_parts(f.size, part)
         header = (f"{PARTS_FORMAT} size={f.size} part={part} chunk={layout.CHUNK_SIZE} "
                   f"boot={layout.current_boot_id()}\n")
-        entry = self.board.open(src, f.size, tmp)
+        entry = self.board.open(src, f.size, tmp, since=self._model_started.get(model.model_id))
         self._model_sources.setdefault(model.model_id, []).append(entry)
         if len(parts) <= 1:  # one GET: no part record
             chunks = await self._fetch_whole(model, f, tmp, entry, progress)

@@ -28,6 +28,7 @@ class SharedSource:
     busy: bytearray
     digest: str = ""  # the file digest, once complete
     holders: int = 1
+    #: When the fetch of the model this file belongs to began (the start-up grace for owners counts from it).
     opened_at: float = field(default_factory=time.monotonic)
     #: Peers this fetch stopped waiting for (they kept a chunk busy, or owned one, past the wait): not again.
     given_up: set[str] = field(default_factory=set)
@@ -70,12 +71,14 @@ class SourceBoard:
     def __init__(self) -> None:
         self._sources: dict[str, SharedSource] = {}
 
-    def open(self, source: str, size: int, path: Path) -> SharedSource:
+    def open(self, source: str, size: int, path: Path, *, since: float | None = None) -> SharedSource:
         entry = self._sources.get(source)
         if entry is not None and entry.size == size and not entry.digest:
             entry.holders += 1
             return entry
         entry = SharedSource.start(source, size, path)
+        if since is not None:
+            entry.opened_at = since
         self._sources[source] = entry
         return entry
 

@@ -29,7 +29,8 @@ from agent.sourceboard import SharedSource
 
 log = logging.getLogger(__name__)
 
-#: How long a fetch assumes an owner that does not know the source yet may still be starting the same fetch.
+#: How long, from the start of a model's fetch, an owner that does not know a source yet is assumed to be about to
+#: start on it too (counted per model, not per file: a model of thousands of files waits once, not per file).
 START_GRACE_SECONDS = 1.0
 #: Chunks asked of a peer in one request.
 MAX_PEER_REQUEST_CHUNKS = 16

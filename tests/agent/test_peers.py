@@ -247,3 +247,21 @@ async def test_without_a_token_file_peer_exchange_is_off_and_says_so(
     assert open_peering(make_settings(tmp_path / "r")) is None
     assert open_peering(make_settings(tmp_path / "r", peer_token_file=tmp_path / "missing")) is None
     assert "peer exchange off" in caplog.text
+
+
+async def test_peers_that_are_down_cost_nothing_but_a_retry_and_s3_serves(
+        counted_s3: tuple[S3Server, str, FaultProxy], tmp_path: Path) -> None:
+    s3, bucket, _proxy = counted_s3
+    files = model_files({**{f"s-{i:02d}.json": 500 + i for i in range(40)}, "w.bin": 3 * MiB})
+    put_all(s3, bucket, files)
+    dead = [f"127.0.0.1:{free_port()}" for _ in range(3)]  # nothing listens there
+
+    def with_dead_peers(i: int, found: list[str]) -> list[str]:
+        return [*found, *dead]
+
+    before = peer_errors("connection")
+    async with cluster(tmp_path, 1, peers_for=with_dead_peers) as (node,):
+        result = await asyncio.wait_for(node.ensure(f"s3://{bucket}/m/"), timeout=60)
+    assert read_tree(result.path) == expected_tree(files)
+    assert result.peer_bytes == 0
+    assert peer_errors("connection") > before
