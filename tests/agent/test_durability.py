@@ -119,8 +119,8 @@ async def test_resume_records_of_an_earlier_boot_are_discarded_and_zeros_never_v
     async with S3Client(settings) as s3:
         listing = await Fetcher(settings, cache, s3).list_model(parse_model_uri(f"s3://{bucket}/m/"))
     f = listing.files[0]
-    from agent.fetch import part_size_for, plan_parts
     from agent.manifest import source_id
+    from agent.parts import part_size_for, plan_parts
 
     part = part_size_for(f.size, min_part=settings.min_part_size, concurrency=settings.concurrency)
     tmp = cache.tmp_download_path(source_id(bucket, f.key, f.etag, f.size))

@@ -24,7 +24,7 @@ from agent.errors import (
     OverlappingModelError,
     RetriesExhaustedError,
 )
-from agent.fetch import part_size_for, plan_parts
+from agent.parts import part_size_for, plan_parts
 from tests.agent.conftest import (
     REPO,
     MiB,
