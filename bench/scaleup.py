@@ -88,6 +88,8 @@ class Row:
     model_bytes: int
     s3_cap_bound_s: float  # N copies through the S3 cap: the floor when every node fetches alone
     per_agent: list[dict[str, Any]] = field(default_factory=list)
+    #: The last node left and came back empty while the others held the model (N ≥ 2).
+    join: dict[str, Any] = field(default_factory=dict)
 
     @property
     def s3_copies(self) -> float:
@@ -191,19 +193,61 @@ def start_agents(topo: Topology, n: int, work: Path, *, peers: bool, extra: list
     pods.write_text("")
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
+    return [start_agent(topo, n, i, work, peers=peers, extra=extra) for i in range(n)]
+
+
+def start_agent(topo: Topology, n: int, i: int, work: Path, *, peers: bool, extra: list[str]) -> Agent:
+    """Node ``i`` of ``n``'s agent (the policy, pods file and token already in ``work``)."""
     hosts = topo.nodes[:n]
-    envs = [agent_env(topo, hosts, h, peers=peers, token=token) for h in hosts]
-    agents = []
-    for i, (host, env) in enumerate(zip(hosts, envs)):
-        cache, log = work / f"node-{i}", work / f"agent-{i}.log"
-        argv = [sys.executable, "-m", "agent", "run", "--pods-file", str(pods), "--policy-file", str(policy),
-                "--cache-dir", str(cache), "--control-socket", str(work / f"control-{i}" / "agent.sock"),
-                "--metrics-host", host.ip, "--metrics-port", str(METRICS_PORT),
-                "--log-format", "json", "--min-free-bytes", "0", *extra]
-        with open(log, "wb") as out:
-            proc = topo.popen(host, argv, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        agents.append(Agent(i, host, cache, log, proc))
-    return agents
+    host = hosts[i]
+    env = agent_env(topo, hosts, host, peers=peers, token=work / "peer-token")
+    cache, log = work / f"node-{i}", work / f"agent-{i}.log"
+    argv = [sys.executable, "-m", "agent", "run", "--pods-file", str(work / "pods.yaml"),
+            "--policy-file", str(work / "policy.yaml"),
+            "--cache-dir", str(cache), "--control-socket", str(work / f"control-{i}" / "agent.sock"),
+            "--metrics-host", host.ip, "--metrics-port", str(METRICS_PORT),
+            "--log-format", "json", "--min-free-bytes", "0", *extra]
+    with open(log, "ab") as out:
+        proc = topo.popen(host, argv, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    return Agent(i, host, cache, log, proc)
+
+
+def wait_warm(topo: Topology, agents: list[Agent], t0: float, timeout: float) -> None:
+    """Poll every agent until its model is ready (recording when it first answered and when it was ready)."""
+    deadline = t0 + timeout
+    while any(a.ready_s is None for a in agents):
+        for a in agents:
+            if a.ready_s is not None:
+                continue
+            if a.proc.poll() is not None:
+                raise RuntimeError(f"agent {a.index} exited with {a.proc.returncode}:\n{tail(a.log)}")
+            answered, state = model_state(topo, a)
+            now = time.monotonic() - t0
+            if answered and a.up_s is None:
+                a.up_s = now
+            if state == "ready":
+                a.ready_s = now
+            elif state == "failed":
+                raise RuntimeError(f"agent {a.index} failed to fetch the model:\n{tail(a.log)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not all {len(agents)} agents warm after {timeout:.0f}s")
+        time.sleep(POLL_S)
+
+
+def late_join(topo: Topology, agents: list[Agent], *, n: int, peers: bool, s3_pid: int, work: Path,
+              timeout: float, extra: list[str]) -> dict[str, Any]:
+    """The last node leaves and comes back empty while the others hold the model: what S3 sends it, how fast."""
+    last = agents[-1]
+    topo.stop(last.proc, grace=STOP_GRACE_S)
+    shutil.rmtree(last.cache_dir, ignore_errors=True)
+    wchar0 = io_wchar(s3_pid)
+    t0 = time.monotonic()
+    again = start_agent(topo, n, last.index, work, peers=peers, extra=extra)
+    agents[-1] = again
+    wait_warm(topo, [again], t0, timeout)
+    fetched, _ = fetch_bytes(topo, again)
+    return {"join_s": again.ready_s, "join_up_s": again.up_s, "join_s3_wchar_bytes": io_wchar(s3_pid) - wchar0,
+            "join_fetch_bytes": fetched}
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -220,32 +264,19 @@ def run_once(topo: Topology, n: int, *, peers: bool, s3_pid: int, work: Path, mo
     wchar0 = io_wchar(s3_pid)
     t0 = time.monotonic()
     agents = start_agents(topo, n, work, peers=peers, extra=extra)
+    join: dict[str, Any] = {}
     try:
-        deadline = t0 + timeout
-        while any(a.ready_s is None for a in agents):
-            for a in agents:
-                if a.ready_s is not None:
-                    continue
-                if a.proc.poll() is not None:
-                    raise RuntimeError(f"agent {a.index} exited with {a.proc.returncode}:\n{tail(a.log)}")
-                answered, state = model_state(topo, a)
-                now = time.monotonic() - t0
-                if answered and a.up_s is None:
-                    a.up_s = now
-                if state == "ready":
-                    a.ready_s = now
-                elif state == "failed":
-                    raise RuntimeError(f"agent {a.index} failed to fetch the model:\n{tail(a.log)}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"N={n}: not all agents warm after {timeout:.0f}s")
-            time.sleep(POLL_S)
+        wait_warm(topo, agents, t0, timeout)
         wchar = io_wchar(s3_pid) - wchar0
         fetched = [fetch_bytes(topo, a) for a in agents]
+        times = [a.ready_s for a in agents if a.ready_s is not None]
+        if n >= 2:
+            join = late_join(topo, agents, n=n, peers=peers, s3_pid=s3_pid, work=work, timeout=timeout,
+                             extra=extra)
     finally:
         codes = [topo.stop(a.proc, grace=STOP_GRACE_S) for a in agents]
     if any(codes):
         print(f"warning: agent exit codes after SIGTERM: {codes}", file=sys.stderr)
-    times = [a.ready_s for a in agents if a.ready_s is not None]
     all_warm = max(times)
     row = Row(
         peers="on" if peers else "off", nodes=n, all_warm_s=all_warm, first_warm_s=min(times),
@@ -256,7 +287,7 @@ def run_once(topo: Topology, n: int, *, peers: bool, s3_pid: int, work: Path, mo
         peer_metrics=any(labelled for _, labelled in fetched), model_bytes=model_bytes,
         s3_cap_bound_s=n * model_bytes / (topo.s3_mbps * 1e6),
         per_agent=[{"node": a.index, "ip": a.host.ip, "up_s": a.up_s, "ready_s": a.ready_s, "fetch_bytes": f,
-                    "exit_code": c} for a, (f, _), c in zip(agents, fetched, codes)])
+                    "exit_code": c} for a, (f, _), c in zip(agents, fetched, codes)], join=join)
     if not dropped:
         row.per_agent.append({"note": "page cache not dropped (not root)"})
     shutil.rmtree(work, ignore_errors=True)  # N × model size on disk: free it before the next run
@@ -315,6 +346,13 @@ def report(rows: list[Row], *, args: argparse.Namespace, command: str, model_byt
         [[r.peers, r.nodes, f"{r.all_warm_s:.2f}", f"{r.first_warm_s:.2f}", f"{r.median_agent_up_s:.2f}",
           f"{r.s3_cap_bound_s:.1f}", f"{r.aggregate_mib_s:.0f}", f"{r.s3_copies:.2f}",
           f"{r.agents_s3_bytes / mib:.0f}", f"{r.agents_peer_bytes / mib:.0f}"] for r in rows])
+    joins = [r for r in rows if r.join]
+    join_table = markdown_table(
+        ["peers", "nodes (N)", "rejoin: warm (s)", "rejoin: S3 sent ÷ model (rclone wchar)",
+         "rejoin: from S3 (MiB)", "rejoin: from peers (MiB)"],
+        [[r.peers, r.nodes, f"{r.join['join_s']:.2f}", f"{r.join['join_s3_wchar_bytes'] / r.model_bytes:.3f}",
+          f"{r.join['join_fetch_bytes']['s3'] / mib:.0f}", f"{r.join['join_fetch_bytes']['peer'] / mib:.0f}"]
+         for r in joins]) if joins else ""
     on_rows = [r for r in rows if r.peers == "on"]
     peer_note = ""
     if on_rows and not any(r.peer_metrics for r in on_rows):
@@ -337,6 +375,11 @@ Times run from starting the agents (interpreter start and imports included) unti
 - **S3 sent ÷ model** is what the S3 server wrote (`wchar` growth of its process in `/proc/<pid>/io`, headers and
   listings included): N with peers off, ideally about 1 with peers on. It is cross-checked against the agents'
   own `weightcache_fetch_bytes_total{{source="s3"}}` (and `{{source="peer"}}` for bytes from other nodes).
+
+Then, with the model warm on all N, the last node leaves and comes back with an empty cache (a node replaced while
+the others hold the model): what it took from S3, and how long it took from its start.
+
+{join_table}
 
 **Caveat.** The hosts are namespaces on one machine with {os.cpu_count()} cores and one disk: the links are shaped,
 but the N agents still share the CPU (HTTP, xxh3 hashing, copying between veths) and the disk. With peers off the
