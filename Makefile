@@ -31,8 +31,8 @@ bench: venv
 	$(PY) -m bench
 
 lint: venv
-	$(VENV)/bin/ruff check agent server tests bench demo
-	$(VENV)/bin/mypy agent
+	$(VENV)/bin/ruff check agent server common tests bench demo
+	$(VENV)/bin/mypy agent common
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache build *.egg-info

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from agent.cache import Cache
-from agent.config import AgentSettings, add_arguments, format_size, load_settings
+from agent.config import AgentSettings, add_arguments, load_settings
 from agent.errors import ConfigError, WeightcacheError
+from common.units import format_size
 
 log = logging.getLogger("agent")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -138,13 +137,9 @@ class Cache:
         """
         if self._activity_fd is None:
             self._activity_fd = locks.open_lock_file(self.locks, locks.ACTIVITY_LOCK)
-        if exclusive:
-            try:
-                fcntl.flock(self._activity_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                pass
-        fcntl.flock(self._activity_fd, fcntl.LOCK_SH)  # waits only while another process recovers
+        if exclusive and locks.try_lock_exclusive(self._activity_fd):
+            return True
+        locks.lock_shared(self._activity_fd)  # waits only while another process recovers
         return False
 
     @property
@@ -154,7 +149,7 @@ class Cache:
     def share_activity(self) -> None:
         """Downgrade an exclusive activity lock to shared (after recovery)."""
         if self._activity_fd is not None:
-            fcntl.flock(self._activity_fd, fcntl.LOCK_SH)
+            locks.lock_shared(self._activity_fd)
 
     def close(self) -> None:
         """Leave the activity lock (it also goes when the process exits)."""

@@ -3,67 +3,32 @@
 Each field's metadata names its environment variable (``env``), its CLI flag (``flag``) and a one-line help.
 ``dataclasses.fields(AgentSettings)`` is the single source for ``--help``, the README table and the manifests'
 tests. Nothing else in the agent reads ``os.environ`` for its own settings (the AWS SDK reads its own chain).
+Reading flags and the environment (precedence, types, sizes: ``500G`` = 500×10⁹, ``2GiB`` = 2×2³⁰) is
+:mod:`common.settings`, shared with the server; the fields and their validation are here.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024,
-    "m": 1000**2, "mb": 1000**2, "mi": 1024**2, "mib": 1024**2,
-    "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3,
-    "t": 1000**4, "tb": 1000**4, "ti": 1024**4, "tib": 1024**4,
-    "p": 1000**5, "pb": 1000**5, "pi": 1024**5, "pib": 1024**5,
-}
-
-
-def parse_size(text: str | int) -> int:
-    """``"2GiB"`` → 2147483648; ``"500MB"`` → 500000000; plain integers are bytes."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE_RE.match(text)
-    if not m or (m.group(2) or "").lower() not in _UNITS:
-        raise ConfigError(f"not a size: {text!r} (examples: 1048576, 500MiB, 2GiB, 100GB)")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
-
-
-def format_size(n: float) -> str:
-    """Human-readable binary size for logs and tables."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
-
-
-def _setting(default: Any, env: str, help: str, flag: str | None = None) -> Any:
-    meta = {"env": env, "help": help}
-    if flag:
-        meta["flag"] = flag
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+from common import settings as common_settings
+from common.settings import setting as _setting
+from common.units import parse_size
 
 
 @dataclass(frozen=True, slots=True)
 class AgentSettings:
     """The agent's configuration. Defaults suit a DaemonSet on a GPU node with local NVMe."""
 
-    # RUF009 is a false positive here: `_setting()` returns a `dataclasses.field()` (a default_factory for
-    # mutable defaults), so no instance shares a default object; ruff cannot see through the wrapper. It
-    # only reports fields whose annotation it does not know to be immutable (the `Path` ones): noqa there.
+    # RUF009 is a false positive here: `_setting()` (common.settings.setting) returns a `dataclasses.field()`
+    # (a default_factory for mutable defaults), so no instance shares a default object; ruff cannot see through
+    # the wrapper. It only reports fields whose annotation it does not know to be immutable (the `Path` ones).
     cache_dir: Path = _setting(Path("/var/lib/weightcache"), "WEIGHTCACHE_ROOT",  # noqa: RUF009
                                "cache root (a hostPath on local NVMe)", "--cache-dir")
     node_name: str = _setting("", "NODE_NAME", "this node's name (downward API spec.nodeName)", "--node-name")
@@ -76,16 +41,16 @@ class AgentSettings:
                                         "--policy-file")
     max_bytes: int = _setting(0, "WEIGHTCACHE_MAX_BYTES",
                               "cache budget in bytes (e.g. 500GiB); 0 = no budget, only the free-space floor",
-                              "--max-bytes")
+                              "--max-bytes", parse=parse_size)
     min_free_bytes: int = _setting(1024**3, "WEIGHTCACHE_MIN_FREE_BYTES",
                                    "keep at least this much free on the cache filesystem (evict to stay above it)",
-                                   "--min-free-bytes")
+                                   "--min-free-bytes", parse=parse_size)
     concurrency: int = _setting(8, "WEIGHTCACHE_CONCURRENCY",
                                 "ranged GETs in flight, across all files and models (one global limit)",
                                 "--concurrency")
     min_part_size: int = _setting(8 * 1024**2, "WEIGHTCACHE_PART_SIZE",
                                   "smallest ranged-GET part; larger files get larger parts (≤ 64 MiB)",
-                                  "--part-size")
+                                  "--part-size", parse=parse_size)
     fsync: bool = _setting(True, "WEIGHTCACHE_FSYNC",
                            "flush published models to disk in the background and mark them durable "
                            "(unflushed ones are re-verified after a reboot)",
@@ -196,54 +161,17 @@ class AgentSettings:
 
 
 
-_SIZE_FIELDS = {"max_bytes", "min_free_bytes", "min_part_size"}
-
-
-def _convert(f: dataclasses.Field[Any], raw: Any) -> Any:
-    if raw is None:
-        return None
-    name, default = f.name, f.default
-    try:
-        if name in _SIZE_FIELDS:
-            return parse_size(raw)
-        if isinstance(default, bool):
-            return str(raw).lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        if isinstance(default, Path) or name.endswith(("_file", "_dir")):
-            return Path(raw) if str(raw) else None
-        return str(raw)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{f.metadata['env']}: cannot read {raw!r} as {name}: {e}") from e
-
-
 def add_arguments(parser: argparse.ArgumentParser, *, only: set[str] | None = None) -> None:
     """Add a flag for each setting (or those in ``only``); defaults stay None so the env can fill them."""
-    for f in dataclasses.fields(AgentSettings):
-        flag = f.metadata.get("flag")
-        if not flag or (only is not None and f.name not in only):
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
-                            help=f"{f.metadata['help']} [env {f.metadata['env']}; default: {default}]")
+    common_settings.add_arguments(parser, AgentSettings, only=only)
 
 
 def load_settings(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None,
                   **overrides: Any) -> AgentSettings:
     """Build settings: explicit overrides, then flags, then environment, then defaults."""
-    env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(AgentSettings):
-        raw: Any = None
-        if f.name in overrides:
-            values[f.name] = overrides[f.name]
-            continue
-        if args is not None and getattr(args, f.name, None) is not None:
-            raw = getattr(args, f.name)
-        elif env.get(f.metadata["env"]):
-            raw = env[f.metadata["env"]]
-        if raw is not None:
-            values[f.name] = _convert(f, raw)
+    try:
+        values = common_settings.read_values(AgentSettings, args=args, env=os.environ if env is None else env,
+                                             overrides=overrides)
+    except common_settings.SettingError as e:
+        raise ConfigError(str(e)) from e
     return AgentSettings(**values)

@@ -33,6 +33,7 @@ from agent.fetch import Fetcher
 from agent.http import StatusApi, start_servers
 from agent.maintenance import flush_pending
 from agent.peering import open_peering
+from agent.pins import Pins
 from agent.policy import Policy, load_policy
 from agent.reporting import WARNING, LogReporter, Reporter
 from agent.s3 import S3Client
@@ -109,12 +110,11 @@ async def run_daemon(settings: AgentSettings) -> int:
 
     peering = open_peering(settings)
     async with S3Client(settings) as s3:
-        holder: dict[str, Reconciler] = {}
-        fetcher = Fetcher(settings, cache, s3, pinned=lambda: holder["r"].pinned_model_ids() if holder else set(),
-                          on_bytes=_count_fetched, swarm=peering.swarm if peering else None)
+        pins = Pins()  # decided by the reconciler, respected by the fetcher's evictions: made before both
+        fetcher = Fetcher(settings, cache, s3, pinned=pins.ids, on_bytes=_count_fetched,
+                          swarm=peering.swarm if peering else None)
         reconciler = Reconciler(settings=settings, cache=cache, fetcher=fetcher, reporter=reporter,
-                                policy=lambda: policies.policy, model_workers=settings.model_workers)
-        holder["r"] = reconciler
+                                policy=lambda: policies.policy, model_workers=settings.model_workers, pins=pins)
         api = StatusApi(cache=cache, fetcher=fetcher, ready=lambda: reconciler.synced,
                         models_status=reconciler.models_status, pinned=reconciler.pinned_model_ids,
                         on_cache_change=reconciler.cache_changed)

@@ -30,13 +30,15 @@ from typing import Any
 
 from agent import metrics
 from agent.cache import Cache
-from agent.config import AgentSettings, format_size
+from agent.config import AgentSettings
 from agent.errors import InvalidUriError, OverlappingModelError, PolicyDeniedError, WeightcacheError
 from agent.fetch import Fetcher, FetchResult
+from agent.pins import Pins
 from agent.pods import PodInfo
 from agent.policy import Policy
 from agent.reporting import NORMAL, WARNING, Reporter
 from agent.uris import ModelUri, parse_annotation
+from common.units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class Reconciler:
     """Turns pod demands into ready models. All methods run on the event loop; none blocks it for long."""
 
     def __init__(self, *, settings: AgentSettings, cache: Cache, fetcher: Fetcher, reporter: Reporter,
-                 policy: Callable[[], Policy], model_workers: int = 4) -> None:
+                 policy: Callable[[], Policy], model_workers: int = 4, pins: Pins | None = None) -> None:
         self.settings = settings
         self.cache = cache
         self.fetcher = fetcher
@@ -101,7 +103,7 @@ class Reconciler:
         self._changed = asyncio.Event()
         self._cache_changed = asyncio.Event()  # the set of ready models may differ: re-label the node
         self._cache_changed.set()  # the first round labels the node
-        self._pins: frozenset[str] = frozenset()  # replaced whole on the loop: threads read it safely
+        self.pins = pins if pins is not None else Pins()  # the fetcher reads the same one (see agent.pins)
         self._written_pins: frozenset[str] | None = None
         self._pins_lock = asyncio.Lock()
         self._node_ready: frozenset[str] = frozenset()  # the URIs the node was last told are ready
@@ -128,7 +130,7 @@ class Reconciler:
 
     def pinned_model_ids(self) -> set[str]:
         """Models a live pod wants. Safe from any thread: a copy of a snapshot the loop replaces whole."""
-        return set(self._pins)
+        return self.pins.ids()
 
     def cache_changed(self) -> None:
         """Something may have published or evicted a model: the node reporter re-reads the cache at once."""
@@ -418,9 +420,9 @@ class Reconciler:
         Writers queue on a lock and each writes the newest snapshot, so the file never goes back to an older set
         however the threads finish; the write (a temp file, maybe an fsync, a rename) runs in a thread.
         """
-        self._pins = frozenset(mid for mid, m in self._models.items() if m.waiters)
+        self.pins.replace(mid for mid, m in self._models.items() if m.waiters)
         async with self._pins_lock:
-            pins = self._pins
+            pins = self.pins.snapshot()
             if pins == self._written_pins:
                 return
             try:
@@ -468,7 +470,7 @@ class Reconciler:
             if time.monotonic() >= next_maintenance:
                 next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_SECONDS
                 try:
-                    await asyncio.to_thread(self._maintenance, frozenset(self._pins))
+                    await asyncio.to_thread(self._maintenance, self.pins.snapshot())
                 except Exception as e:  # noqa: BLE001 - housekeeping must never stop the loop
                     log.warning("cache maintenance failed: %s", e)
             try:

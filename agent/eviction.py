@@ -11,9 +11,10 @@ import logging
 from dataclasses import dataclass
 
 from agent.cache import Cache
-from agent.config import AgentSettings, format_size
+from agent.config import AgentSettings
 from agent.errors import BudgetExceededError, DiskFullError
 from agent.maintenance import remove_model, remove_old_revisions
+from common.units import format_size
 
 log = logging.getLogger(__name__)
 

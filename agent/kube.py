@@ -84,10 +84,6 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _now_micro() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 class KubeApi:
     """Thin synchronous wrapper over CoreV1Api with raw-dict results (call it through ``asyncio.to_thread``)."""
 

@@ -40,6 +40,20 @@ def open_lock_file(locks_dir: Path, name: str) -> int:
     return os.open(locks_dir / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
 
+def try_lock_exclusive(fd: int) -> bool:
+    """Take (or upgrade to) the exclusive lock on an open lock file if it is free right now; never waits."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def lock_shared(fd: int) -> None:
+    """Take the shared lock on an open lock file, waiting while another holds it exclusively (downgrades ours)."""
+    fcntl.flock(fd, fcntl.LOCK_SH)
+
+
 @contextlib.contextmanager
 def hold(locks_dir: Path, name: str) -> Iterator[None]:
     """Exclusive, blocking: for short critical sections, called off the event loop."""
@@ -56,12 +70,7 @@ def try_hold(locks_dir: Path, name: str) -> Iterator[bool]:
     """Exclusive if free right now: yields True while held, False (and holds nothing) when another holds it."""
     fd = open_lock_file(locks_dir, name)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+        yield try_lock_exclusive(fd)
     finally:
         os.close(fd)
 
@@ -71,12 +80,8 @@ async def hold_async(locks_dir: Path, name: str, *, poll: float = 0.05) -> Async
     """Exclusive, waiting without blocking the event loop."""
     fd = open_lock_file(locks_dir, name)
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                await asyncio.sleep(poll)
+        while not try_lock_exclusive(fd):
+            await asyncio.sleep(poll)
         yield
     finally:
         os.close(fd)
@@ -92,6 +97,6 @@ def is_held(locks_dir: Path, name: str) -> bool:
 
 
 __all__ = [
-    "ACTIVITY_LOCK", "BLOBS_LOCK", "PUBLISH_LOCK", "hold", "hold_async", "is_held", "model_lock_name",
-    "open_lock_file", "source_lock_name", "try_hold",
+    "ACTIVITY_LOCK", "BLOBS_LOCK", "PUBLISH_LOCK", "hold", "hold_async", "is_held", "lock_shared", "model_lock_name",
+    "open_lock_file", "source_lock_name", "try_hold", "try_lock_exclusive",
 ]

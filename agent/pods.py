@@ -24,7 +24,6 @@ class PodInfo:
     annotation: str | None
     has_gate: bool
     deleting: bool
-    resource_version: str = ""
     #: The readiness-gate condition's status as last seen on the pod ("True"/"False"), None if it has none:
     #: lastTransitionTime moves only when the status really changes, also across agent restarts.
     gate_status: str | None = None
@@ -71,5 +70,4 @@ def pod_from_dict(obj: Any) -> PodInfo:
         uid=uid, namespace=namespace, name=name, node_name=str(spec.get("nodeName") or ""),
         phase=str(status.get("phase") or "Pending"),
         annotation=None if annotation is None else str(annotation), has_gate=has_gate,
-        deleting=bool(meta.get("deletionTimestamp")), resource_version=str(meta.get("resourceVersion") or ""),
-        gate_status=gate_status)
+        deleting=bool(meta.get("deletionTimestamp")), gate_status=gate_status)

@@ -16,7 +16,6 @@ but never ``s3://team-a-evil/``. This module only parses and decides; it does no
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,7 +50,6 @@ class Policy:
     warm: tuple[WarmEntry, ...] = ()
     warm_deadline_seconds: float = DEFAULT_WARM_DEADLINE_SECONDS
     open: bool = True
-    digest: str = ""
 
     def allows(self, namespace: str, uri: ModelUri) -> bool:
         """True if a pod in ``namespace`` may use ``uri``."""
@@ -126,7 +124,7 @@ def parse_policy(text: str, *, source: str = "policy") -> Policy:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{source}: warmDeadlineSeconds must be a number") from e
     return Policy(allow=allow, namespaces=namespaces, warm=tuple(warm), warm_deadline_seconds=deadline,
-                  open=False, digest=hashlib.sha256(text.encode()).hexdigest())
+                  open=False)
 
 
 def load_policy(path: Path | None) -> Policy:

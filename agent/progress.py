@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 
-from agent.config import format_size
+from common.units import format_size
 
 log = logging.getLogger("agent.progress")
 

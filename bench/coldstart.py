@@ -41,8 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common.units import parse_size
 from demo.s3server import EmbeddedS3
-from server.config import parse_size
 from server.demo_model import shape_for_size, write_demo_model
 
 PY = sys.executable

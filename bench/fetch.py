@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import bar_plot, drop_caches, machine_note, markdown_table, median, run_timed, write_results
+from common.units import parse_size
 from demo.s3server import EmbeddedS3
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,12 +34,6 @@ BUCKET, PREFIX = "bench", "model/"
 OURS, OURS_NO_FSYNC = "weightcache prefetch", "weightcache prefetch --fsync false"
 #: "fetched 1.00 GiB in 2.33s": the agent's own time from listing to publish, without interpreter start-up.
 FETCHED_RE = re.compile(r"fetched [0-9.]+ \w+ in ([0-9.]+)s")
-
-
-def parse_size(text: str) -> int:
-    from agent.config import parse_size as p
-
-    return p(text)
 
 
 def make_model(root: Path, size: int, *, small_files: int = 200) -> int:

@@ -383,7 +383,7 @@ def rotated(items: tuple[str, ...] | list[str], by: int) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agent.config import parse_size
+    from common.units import parse_size
 
     parser = argparse.ArgumentParser(prog="python -m bench.s3stacks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -8,41 +8,22 @@ cost is reported as the ``import`` cold-start phase.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
+from common.logs import setup_logging
 from server.config import ServerSettings
 from server.errors import ConfigError, ServerError
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
 def configure_logging(settings: ServerSettings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.log_format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level)
+    """Text, or JSON lines in the agent's format (:mod:`common.logs`), on stderr."""
+    setup_logging(json_lines=settings.log_format == "json", level=settings.log_level,
+                  text_format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def process_age_seconds() -> float | None:
@@ -103,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler that was installed before it
     # started; with the default handler the process would die "by signal" after a clean shutdown. A no-op handler
     # makes a requested stop exit 0.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     log.info("weightcache-server listening on %s:%d", settings.host, settings.port)
     server.run()
     if fatal:

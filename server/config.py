@@ -2,7 +2,8 @@
 
 ``ServerSettings`` is a frozen dataclass: each field has a default, its environment variable, a CLI flag and a
 one-line reason in ``metadata``, so ``--help`` and the README's settings table are generated from the same
-source. Nothing else in ``server/`` reads ``os.environ``.
+source. Nothing else in ``server/`` reads ``os.environ``. Reading flags and the environment (precedence, types,
+sizes: ``8M`` = 8×10⁶, ``8MiB`` = 8×2²⁰) is :mod:`common.settings`, shared with the agent.
 """
 
 from __future__ import annotations
@@ -10,170 +11,81 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import settings as common_settings
+from common.settings import setting
+from common.units import parse_size
 from server.errors import ConfigError
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
-_SIZE_POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
-
-
-def parse_size(text: str) -> int:
-    """``"2GiB"``, ``"500MiB"``, ``"1G"``, ``"1.5GB"``, ``"1048576"`` → bytes.
-
-    Both ``G`` and ``GiB`` mean 2**30: people who type a model size mean the binary unit (that is what ``ls -h``
-    shows); only an explicit ``GB`` is decimal.
-    """
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise ConfigError(f"not a size: {text!r} (try 2GiB, 500MiB, 1G or plain bytes)")
-    number, unit, binary = match.groups()
-    unit = unit.upper()
-    decimal = text.strip().upper().endswith("B") and not binary and unit != ""
-    base = 1000 if decimal else 1024
-    return int(float(number) * base ** _SIZE_POWERS[unit])
-
-
-def _env(name: str, help_: str, flag: str, choices: tuple[str, ...] = ()) -> dict[str, Any]:
-    meta: dict[str, Any] = {"env": name, "help": help_, "flag": flag}
-    if choices:
-        meta["choices"] = choices
-    return meta
+#: ``--help`` suffix of each flag (the server's wording, unchanged).
+_HELP_SUFFIX = "[env {env}, default {default!s}]"
 
 
 @dataclass(frozen=True, kw_only=True)
 class ServerSettings:
     """The server's configuration. Build it with :meth:`from_env` or :meth:`parse`, never field by field."""
 
-    model: str = field(
-        default="",
-        metadata=_env(
-            "WEIGHTCACHE_MODEL",
-            "model URI (s3://bucket/prefix/ or s3://bucket/key), resolved under the cache root",
-            "--model",
-        ),
-    )
-    model_path: str = field(
-        default="",
-        metadata=_env(
-            "WEIGHTCACHE_MODEL_PATH",
-            "explicit model directory or file; used instead of WEIGHTCACHE_MODEL (no agent needed)",
-            "--model-path",
-        ),
-    )
-    root: Path = field(
-        default=Path("/var/lib/weightcache"),
-        metadata=_env("WEIGHTCACHE_ROOT", "node cache root, mounted read-only from the host", "--cache-dir"),
-    )
-    host: str = field(
-        default="0.0.0.0",
-        metadata=_env("WEIGHTCACHE_HOST", "address to listen on (all interfaces: the kubelet probes the pod IP)", "--host"),
-    )
-    port: int = field(default=8000, metadata=_env("WEIGHTCACHE_PORT", "HTTP port", "--port"))
-    wait_timeout_seconds: float = field(
-        default=900.0,
-        metadata=_env(
-            "WEIGHTCACHE_WAIT_TIMEOUT_SECONDS",
-            "give up (exit non-zero, the pod restarts) if the model is not ready by then; 900 s fits a 70 GB "
-            "model at ~100 MB/s",
-            "--wait-timeout",
-        ),
-    )
-    device: str = field(
-        default="auto",
-        metadata=_env(
-            "WEIGHTCACHE_DEVICE", "where weights live: auto = cuda when available, else cpu", "--device",
-            ("auto", "cpu", "cuda"),
-        ),
-    )
-    handler: str = field(
-        default="server.handlers.demo:create_handler",
-        metadata=_env("WEIGHTCACHE_HANDLER", "model code as module:factory", "--handler"),
-    )
-    fallback: str = field(
-        default="none",
-        metadata=_env(
-            "WEIGHTCACHE_FALLBACK",
-            "fetch = download the model ourselves if the node agent has not published it within the grace",
-            "--fallback",
-            ("none", "fetch"),
-        ),
-    )
-    fallback_dir: Path = field(
-        default=Path("/tmp/weightcache-fallback"),
-        metadata=_env(
-            "WEIGHTCACHE_FALLBACK_DIR",
-            "writable cache dir for the fallback fetch (mount an emptyDir or a volume here)",
-            "--fallback-dir",
-        ),
-    )
-    fallback_grace_seconds: float = field(
-        default=30.0,
-        metadata=_env(
-            "WEIGHTCACHE_FALLBACK_GRACE_SECONDS",
-            "how long to wait for the node agent before fetching ourselves; the agent usually starts within "
-            "seconds of the pod",
-            "--fallback-grace",
-        ),
-    )
-    verify: str = field(
-        default="size",
-        metadata=_env(
-            "WEIGHTCACHE_VERIFY",
-            "check loaded files against the cache manifest: size (free), digest (xxh3-128, reads every byte "
-            "once more), none",
-            "--verify",
-            ("size", "digest", "none"),
-        ),
-    )
-    load_strategy: str = field(
-        default="auto",
-        metadata=_env(
-            "WEIGHTCACHE_LOAD_STRATEGY",
-            "auto = zero-copy mmap on cpu, pinned-buffer pipeline on cuda",
-            "--load-strategy",
-            ("auto", "mmap", "pipelined"),
-        ),
-    )
-    readahead: str = field(
-        default="on",
-        metadata=_env(
-            "WEIGHTCACHE_READAHEAD",
-            "if the model is already cached at start, read it into the page cache while torch imports",
-            "--readahead",
-            ("on", "off"),
-        ),
-    )
-    max_body_bytes: int = field(
-        default=8 * 1024 * 1024,
-        metadata=_env("WEIGHTCACHE_MAX_BODY_BYTES", "largest request body accepted (413 above)", "--max-body-bytes"),
-    )
-    max_batch: int = field(
-        default=256,
-        metadata=_env("WEIGHTCACHE_MAX_BATCH", "most rows in one /v1/predict request (422 above)", "--max-batch"),
-    )
-    poll_interval_seconds: float = field(
-        default=1.0,
-        metadata=_env(
-            "WEIGHTCACHE_POLL_INTERVAL_SECONDS",
-            "safety re-check while waiting; inotify wakes us sooner (floor 0.1 s: never busy-poll)",
-            "--poll-interval",
-        ),
-    )
-    log_format: str = field(
-        default="text",
-        metadata=_env("WEIGHTCACHE_LOG_FORMAT", "text or json (one object a line)", "--log-format", ("text", "json")),
-    )
-    log_level: str = field(
-        default="INFO",
-        metadata=_env(
-            "WEIGHTCACHE_LOG_LEVEL", "logging level", "--log-level", ("DEBUG", "INFO", "WARNING", "ERROR"),
-        ),
-    )
+    # RUF009 is a false positive for the `Path` fields: `setting()` returns a `dataclasses.field()`.
+    model: str = setting("", "WEIGHTCACHE_MODEL",
+                         "model URI (s3://bucket/prefix/ or s3://bucket/key), resolved under the cache root",
+                         "--model")
+    model_path: str = setting("", "WEIGHTCACHE_MODEL_PATH",
+                              "explicit model directory or file; used instead of WEIGHTCACHE_MODEL (no agent needed)",
+                              "--model-path")
+    root: Path = setting(Path("/var/lib/weightcache"), "WEIGHTCACHE_ROOT",  # noqa: RUF009
+                         "node cache root, mounted read-only from the host", "--cache-dir")
+    host: str = setting("0.0.0.0", "WEIGHTCACHE_HOST",
+                        "address to listen on (all interfaces: the kubelet probes the pod IP)", "--host")
+    port: int = setting(8000, "WEIGHTCACHE_PORT", "HTTP port", "--port")
+    wait_timeout_seconds: float = setting(
+        900.0, "WEIGHTCACHE_WAIT_TIMEOUT_SECONDS",
+        "give up (exit non-zero, the pod restarts) if the model is not ready by then; 900 s fits a 70 GB "
+        "model at ~100 MB/s",
+        "--wait-timeout")
+    device: str = setting("auto", "WEIGHTCACHE_DEVICE", "where weights live: auto = cuda when available, else cpu",
+                          "--device", choices=("auto", "cpu", "cuda"))
+    handler: str = setting("server.handlers.demo:create_handler", "WEIGHTCACHE_HANDLER",
+                           "model code as module:factory", "--handler")
+    fallback: str = setting(
+        "none", "WEIGHTCACHE_FALLBACK",
+        "fetch = download the model ourselves if the node agent has not published it within the grace",
+        "--fallback", choices=("none", "fetch"))
+    fallback_dir: Path = setting(Path("/tmp/weightcache-fallback"), "WEIGHTCACHE_FALLBACK_DIR",  # noqa: RUF009
+                                 "writable cache dir for the fallback fetch (mount an emptyDir or a volume here)",
+                                 "--fallback-dir")
+    fallback_grace_seconds: float = setting(
+        30.0, "WEIGHTCACHE_FALLBACK_GRACE_SECONDS",
+        "how long to wait for the node agent before fetching ourselves; the agent usually starts within "
+        "seconds of the pod",
+        "--fallback-grace")
+    verify: str = setting(
+        "size", "WEIGHTCACHE_VERIFY",
+        "check loaded files against the cache manifest: size (free), digest (xxh3-128, reads every byte "
+        "once more), none",
+        "--verify", choices=("size", "digest", "none"))
+    load_strategy: str = setting("auto", "WEIGHTCACHE_LOAD_STRATEGY",
+                                 "auto = zero-copy mmap on cpu, pinned-buffer pipeline on cuda",
+                                 "--load-strategy", choices=("auto", "mmap", "pipelined"))
+    readahead: str = setting(
+        "on", "WEIGHTCACHE_READAHEAD",
+        "if the model is already cached at start, read it into the page cache while torch imports",
+        "--readahead", choices=("on", "off"))
+    max_body_bytes: int = setting(8 * 1024 * 1024, "WEIGHTCACHE_MAX_BODY_BYTES",
+                                  "largest request body accepted (413 above)", "--max-body-bytes", parse=parse_size)
+    max_batch: int = setting(256, "WEIGHTCACHE_MAX_BATCH", "most rows in one /v1/predict request (422 above)",
+                             "--max-batch")
+    poll_interval_seconds: float = setting(
+        1.0, "WEIGHTCACHE_POLL_INTERVAL_SECONDS",
+        "safety re-check while waiting; inotify wakes us sooner (floor 0.1 s: never busy-poll)",
+        "--poll-interval")
+    log_format: str = setting("text", "WEIGHTCACHE_LOG_FORMAT", "text or json (one object a line)", "--log-format",
+                              choices=("text", "json"))
+    log_level: str = setting("INFO", "WEIGHTCACHE_LOG_LEVEL", "logging level", "--log-level",
+                             choices=("DEBUG", "INFO", "WARNING", "ERROR"), parse=str.upper)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -209,32 +121,13 @@ class ServerSettings:
         cls, argv: Sequence[str], environ: Mapping[str, str] | None = None, **overrides: Any
     ) -> ServerSettings:
         """Settings from flags, then environment, then defaults (first wins). ``--help`` exits 0."""
-        environ = os.environ if environ is None else environ
         args = build_arg_parser().parse_args(list(argv))
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = getattr(args, f.name)
-            if raw is None:
-                raw = environ.get(f.metadata["env"])
-            if raw is not None and raw != "":
-                values[f.name] = _convert(f, raw)
-        values.update(overrides)
+        try:
+            values = common_settings.read_values(cls, args=args, env=os.environ if environ is None else environ,
+                                                 overrides=overrides)
+        except common_settings.SettingError as e:
+            raise ConfigError(str(e)) from e
         return cls(**values)
-
-
-def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
-    env = f.metadata["env"]
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    try:
-        if kind == "int":
-            return parse_size(raw) if env == "WEIGHTCACHE_MAX_BODY_BYTES" else int(raw)
-        if kind == "float":
-            return float(raw)
-        if kind == "Path":
-            return Path(raw)
-    except ValueError as e:
-        raise ConfigError(f"{env}={raw!r}: not a valid {kind}") from e
-    return raw.upper() if env == "WEIGHTCACHE_LOG_LEVEL" else raw
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -244,15 +137,5 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="Serve a model from the weightcache node cache: wait for it, load it, then answer "
         "/v1/predict. Every flag can also be set by its environment variable; flags win.",
     )
-    for f in dataclasses.fields(ServerSettings):
-        meta = f.metadata
-        default = f.default
-        parser.add_argument(
-            meta["flag"],
-            dest=f.name,
-            default=None,
-            choices=meta.get("choices"),
-            metavar=None if meta.get("choices") else f.name.upper(),
-            help=f"{meta['help']} [env {meta['env']}, default {default!s}]".replace("%", "%%"),
-        )
+    common_settings.add_arguments(parser, ServerSettings, help_suffix=_HELP_SUFFIX)
     return parser

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from server.config import parse_size
+from common.units import parse_size
 from server.errors import ConfigError
 
 MODEL_TYPE = "weightcache-demo"

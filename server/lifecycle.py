@@ -82,12 +82,6 @@ class ModelService:
                 await self._task
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def wait_started(self) -> None:
-        """Await the cold start's end, whatever its outcome (tests and the CLI use this)."""
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(self._task)
-
     async def _cold_start(self) -> None:
         try:
             started = time.perf_counter()

@@ -26,6 +26,7 @@ from agent.cache import Cache
 from agent.config import AgentSettings, load_settings
 from agent.demand import Reconciler
 from agent.fetch import Fetcher
+from agent.pins import Pins
 from agent.pods import PodInfo, pod_from_dict
 from agent.policy import Policy, parse_policy
 from agent.s3 import S3Client
@@ -69,12 +70,11 @@ async def make_world(root: Path, *, policy: Policy | None = None) -> AsyncIterat
     cache.recover(orphan_max_age_seconds=settings_.orphan_max_age_seconds)
     current = [policy or Policy()]
     async with S3Client(settings_) as s3:
-        holder: list[Reconciler] = []
-        fetcher = Fetcher(settings_, cache, s3, pinned=lambda: holder[0].pinned_model_ids() if holder else set())
+        pins = Pins()
+        fetcher = Fetcher(settings_, cache, s3, pinned=pins.ids)
         reporter = RecordingReporter()
         reconciler = Reconciler(settings=settings_, cache=cache, fetcher=fetcher, reporter=reporter,
-                                policy=lambda: current[0], model_workers=2)
-        holder.append(reconciler)
+                                policy=lambda: current[0], model_workers=2, pins=pins)
         task = asyncio.create_task(reconciler.run(), name="reconciler")
         try:
             yield World(settings_, cache, fetcher, reporter, reconciler, task, current)

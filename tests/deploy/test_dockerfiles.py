@@ -18,6 +18,8 @@ import pytest
 from .tools import REPO_ROOT
 
 DOCKERFILES = ("Dockerfile.agent", "Dockerfile.server")
+#: The packages an image may copy (pyproject.toml's packages.find include).
+CODE_PACKAGES = ("agent", "server", "common")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 PIP_CACHE_MOUNT = "--mount=type=cache,target=/root/.cache/pip"
 
@@ -106,7 +108,7 @@ def test_dependencies_install_before_the_code_is_copied(name: str) -> None:
     instructions = _instructions(name)
     first_code_copy = min(
         i for i, ins in enumerate(instructions)
-        if ins.keyword == "COPY" and any(s.rstrip("/") in ("agent", "server") for s in _copy_sources(ins))
+        if ins.keyword == "COPY" and any(s.rstrip("/") in CODE_PACKAGES for s in _copy_sources(ins))
     )
     deps = [i for i, ins in enumerate(instructions) if ins.keyword == "RUN" and "pip install -r" in ins.args]
     assert deps and deps[0] < first_code_copy, f"{name}: dependencies must be installed before COPY of the code"
@@ -131,7 +133,16 @@ def test_images_copy_no_weights_and_never_the_whole_context(name: str) -> None:
             for source in _copy_sources(ins):
                 assert source not in (".", "./", "*"), f"{name}: COPY {ins.args} copies the whole context"
                 assert not source.endswith(WEIGHT_SUFFIXES), f"{name}: COPY {source}"
-                assert source.rstrip("/") in ("pyproject.toml", "README.md", "agent", "server"), source
+                assert source.rstrip("/") in ("pyproject.toml", "README.md", *CODE_PACKAGES), source
+
+
+@pytest.mark.parametrize(("name", "packages"), [("Dockerfile.agent", {"agent", "common"}),
+                                               ("Dockerfile.server", {"agent", "server", "common"})])
+def test_each_image_copies_every_package_its_code_imports(name: str, packages: set[str]) -> None:
+    # common/ is imported by both the agent and the server: an image without it cannot start.
+    copied = {s.rstrip("/") for ins in _instructions(name) if ins.keyword == "COPY" and "--from=" not in ins.args
+              for s in _copy_sources(ins)}
+    assert packages <= copied, f"{name}: missing COPY of {sorted(packages - copied)}"
 
 
 def test_agent_image_never_installs_torch() -> None:
@@ -223,7 +234,7 @@ def test_dockerignore_keeps_out(path: str) -> None:
 
 @pytest.mark.parametrize("path", [
     "pyproject.toml", "README.md", "agent/__init__.py", "agent/cache.py", "server/app.py",
-    "server/handlers/demo.py",
+    "server/handlers/demo.py", "common/__init__.py", "common/units.py",
 ])
 def test_dockerignore_lets_the_build_inputs_in(path: str) -> None:
     assert not _excluded(path)

@@ -7,22 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ServerSettings, parse_size
+from server.config import ServerSettings
 from server.errors import ConfigError
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("2GiB", 2 * 2**30), ("500MiB", 500 * 2**20), ("1G", 2**30), ("1.5GB", 1_500_000_000), ("1048576", 2**20),
-     ("64kib", 64 * 1024)],
+    [("2GiB", 2 * 2**30), ("8M", 8 * 10**6), ("1.5GB", 1_500_000_000), ("1048576", 2**20), ("64kib", 64 * 1024)],
 )
-def test_sizes_accept_binary_and_decimal_units_and_plain_bytes(text: str, expected: int) -> None:
-    assert parse_size(text) == expected
+def test_size_settings_read_decimal_and_binary_units_like_the_agent(text: str, expected: int) -> None:
+    settings = ServerSettings.from_env({"WEIGHTCACHE_MODEL_PATH": "/m", "WEIGHTCACHE_MAX_BODY_BYTES": text})
+    assert settings.max_body_bytes == expected
 
 
 def test_nonsense_size_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="not a size"):
-        parse_size("two gigs")
+    with pytest.raises(ConfigError, match="WEIGHTCACHE_MAX_BODY_BYTES='two gigs': not a size"):
+        ServerSettings.from_env({"WEIGHTCACHE_MODEL_PATH": "/m", "WEIGHTCACHE_MAX_BODY_BYTES": "two gigs"})
 
 
 def test_every_setting_has_a_default_an_env_name_a_flag_and_a_reason() -> None:
