@@ -307,7 +307,9 @@ def disk_full(server: S3Server, bucket: str, proxy: FaultProxy, *, work: Path) -
     """A real ENOSPC on a 20 MiB tmpfs cache root while the daemon fetches: DiskFull, temp files gone, the other
     model untouched, the daemon still serving, and the next model that fits is fetched."""
     a = make_files(31, {"a.bin": 1 * MiB})
-    b = make_files(32, {"a.bin": 1 * MiB, "b.bin": 8 * MiB})
+    # Two small files take B's two open-file slots (concurrency 1); the 8 MiB one waits for a slot, and reserves
+    # its space only then — after the disk has filled.
+    b = make_files(32, {"a.bin": 1 * MiB, "b.bin": 1 * MiB, "c.bin": 8 * MiB})
     c = make_files(33, {"c.bin": 1 * MiB})
     for name, files in (("disk-a/", a), ("disk-b/", b), ("disk-c/", c)):
         upload(server, bucket, name, files)
@@ -324,8 +326,8 @@ def disk_full(server: S3Server, bucket: str, proxy: FaultProxy, *, work: Path) -
             agent.wait_ready()
             wait_until(lambda: (_model_state(agent, ua) or {}).get("state") == "ready", timeout=60,
                        what="model A ready", log=agent.log)
-            # B's first file stalls in flight; meanwhile something else fills the disk, so B's second file
-            # meets a real ENOSPC when the agent reserves its space.
+            # B's first file stalls in flight; meanwhile something else fills the disk, so B's big file meets a
+            # real ENOSPC when the agent reserves its space.
             proxy.plan = FaultPlan(always="stall", rates={}, max_faults=1, stall_seconds=2.0)
             proxy.reset_stats()
             _write_pods(pods_file, [pod_manifest("pod-a", ua), pod_manifest("pod-b", ub)])
