@@ -13,9 +13,9 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from agent.cache import Cache
 from agent.config import AgentSettings, add_arguments, load_settings
 from agent.errors import ConfigError, WeightcacheError
+from agent.store.cache import Cache
 from common.units import format_size
 
 log = logging.getLogger("agent")
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_malloc()
     try:
         if args.command == "run":
-            from agent.daemon import run_daemon
+            from agent.daemon.run import run_daemon
 
             return asyncio.run(run_daemon(settings))
         if args.command == "prefetch":
@@ -101,9 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _prefetch(settings: AgentSettings, uris: list[str]) -> int:
-    from agent.fetch import Fetcher
-    from agent.progress import Progress
     from agent.s3 import S3Client
+    from agent.transfer.fetch import Fetcher
+    from agent.transfer.progress import Progress
     from agent.uris import parse_model_uri
 
     models = []
@@ -142,9 +142,9 @@ async def _prefetch(settings: AgentSettings, uris: list[str]) -> int:
 
 
 async def _verify(settings: AgentSettings, uris: set[str], *, repair: bool) -> int:
-    from agent.fetch import Fetcher
     from agent.s3 import S3Client
-    from agent.verify import verify
+    from agent.transfer.fetch import Fetcher
+    from agent.transfer.verify import verify
 
     cache = Cache(settings.cache_dir, fsync=settings.fsync)
     cache.recover(orphan_max_age_seconds=settings.orphan_max_age_seconds)
@@ -162,8 +162,8 @@ async def _verify(settings: AgentSettings, uris: set[str], *, repair: bool) -> i
 
 
 def _gc(settings: AgentSettings) -> int:
-    from agent.eviction import make_room
-    from agent.maintenance import flush_pending
+    from agent.store.eviction import make_room
+    from agent.store.maintenance import flush_pending
 
     cache = Cache(settings.cache_dir, fsync=settings.fsync)
     cache.recover(orphan_max_age_seconds=settings.orphan_max_age_seconds)

@@ -119,10 +119,10 @@ def free_port() -> int:
 
 def build(root: Path, size: int) -> tuple[list[Path], Path]:
     """The demo model in a node-cache layout, plus the same weights as a torch.save file."""
-    from agent.cache import Cache
-    from agent.layout import hash_file
-    from agent.manifest import ManifestFile
-    from agent.publish import Build
+    from agent.store.cache import Cache
+    from agent.store.layout import hash_file
+    from agent.store.manifest import ManifestFile
+    from agent.store.publish import Build
     from agent.uris import parse_model_uri
 
     # Built and published through the agent's own calls, so the layout is exactly what a node holds.

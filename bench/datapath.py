@@ -45,10 +45,10 @@ S5CMD, PREFETCH, DAEMON = "s5cmd cp", "weightcache prefetch", "weightcache daemo
 DAEMON_SCRIPT = r"""
 import asyncio, json, os, resource, shutil, sys, time
 from pathlib import Path
-from agent.cache import Cache
 from agent.config import load_settings
-from agent.fetch import Fetcher
 from agent.s3 import S3Client
+from agent.store.cache import Cache
+from agent.transfer.fetch import Fetcher
 
 async def main():
     uri, root = sys.argv[1], Path(sys.argv[2])

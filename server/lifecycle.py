@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -173,19 +174,30 @@ class ModelService:
         raise fetch_error
 
     async def _fetch(self) -> Path:
+        """``weightcache-agent prefetch`` in a child process: the agent's fetch path, without the server importing
+        the agent (only its cache layout); its threads and buffers never share the server's process."""
         s = self.settings
+        argv = [sys.executable, "-m", "agent", "prefetch", "--cache-dir", str(s.fallback_dir), s.model]
         try:
-            from agent.fetch import prefetch_models
-        except ImportError as e:
-            raise FallbackFetchError(f"WEIGHTCACHE_FALLBACK=fetch needs the weightcache agent package: {e}") from e
+            proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.PIPE)
+        except OSError as e:
+            raise FallbackFetchError(f"WEIGHTCACHE_FALLBACK=fetch could not start the agent: {e}") from e
         try:
-            paths = await prefetch_models([s.model], cache_dir=s.fallback_dir)
+            out, err = await proc.communicate()
         except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
             raise
-        except Exception as e:
-            raise FallbackFetchError(f"fallback fetch of {s.model} into {s.fallback_dir} failed: {e}") from e
-        log.info("fetched %s ourselves into %s", s.model, paths[0])
-        return Path(paths[0])
+        lines = out.decode(errors="replace").split("\n")
+        if proc.returncode != 0 or not lines[0].strip():
+            tail = err.decode(errors="replace").strip().splitlines()[-3:]
+            raise FallbackFetchError(f"fallback fetch of {s.model} into {s.fallback_dir} failed "
+                                     f"(exit {proc.returncode}): {' / '.join(tail) or 'no output'}")
+        path = Path(lines[0].strip())
+        log.info("fetched %s ourselves into %s", s.model, path)
+        return path
 
     # ------------------------------------------------------------------------------------------- load
 

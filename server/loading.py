@@ -279,7 +279,7 @@ def _read_config(model_path: Path) -> tuple[dict[str, Any], list[Path]]:
 
 @dataclass(frozen=True)
 class CacheManifest:
-    """The node cache's record of one immutable build (read through ``agent.layout``, the agent's own module)."""
+    """The node cache's record of one immutable build (read through ``agent.store.layout``, the agent's own module)."""
 
     snapshot_dir: Path  # the build's data directory: manifest paths are relative to it
     revision: str
@@ -293,7 +293,7 @@ def find_manifest(root: Path, model_path: Path) -> CacheManifest | None:
 
     The build is immutable and carries its own manifest, so what we check against is exactly what we load.
     """
-    from agent import layout
+    from agent.store import layout
 
     resolved = layout.resolve(root, model_path)
     if resolved is None:
@@ -313,7 +313,7 @@ def find_manifest(root: Path, model_path: Path) -> CacheManifest | None:
 
 def verify_files(manifest: CacheManifest, paths: Iterable[Path], *, digest: bool) -> None:
     """Check each file's size (and digest, under the manifest's scheme, if ``digest``) against ``manifest``."""
-    from agent import layout
+    from agent.store import layout
 
     for path in paths:
         rel = Path(os.path.realpath(path)).relative_to(manifest.snapshot_dir).as_posix()

@@ -27,19 +27,14 @@ _MIN_POLL_SECONDS = 0.1
 
 
 def resolve_model_path(root: Path, uri: str) -> Path:
-    """The path under the cache root at which the agent publishes ``uri`` (validated with the agent's parser).
-
-    ``agent.uris`` is pure (no I/O, no torch, no network libraries), so sharing it keeps one definition of a
-    valid URI and of the mirrored layout.
-    """
-    from agent.errors import InvalidUriError
-    from agent.uris import parse_model_uri
+    """The path under the cache root at which the agent publishes ``uri`` (validated with the agent's parser,
+    through the one agent module the server reads: the cache layout)."""
+    from agent.store.layout import pointer_path
 
     try:
-        parsed = parse_model_uri(uri)
-    except InvalidUriError as e:
+        return pointer_path(root, uri)
+    except ValueError as e:
         raise InvalidModelUriError(f"WEIGHTCACHE_MODEL: {e}") from e
-    return root / parsed.mirrored_relpath
 
 
 def nearest_existing_ancestor(path: Path) -> Path:
@@ -125,7 +120,7 @@ async def wait_for_path(path: Path, *, timeout: float, poll_interval: float = 1.
     """Return once ``path`` exists (following symlinks) and can be trusted; raise ``ModelWaitTimeoutError`` after
     ``timeout`` s. A build the node cache does not trust yet (after a reboot, before the agent re-verified it)
     counts as absent."""
-    from agent.layout import is_servable
+    from agent.store.layout import is_servable
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

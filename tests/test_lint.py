@@ -25,3 +25,10 @@ def test_ruff_finds_nothing() -> None:
 def test_mypy_strict_passes_on_the_agent_and_common() -> None:
     r = _run(sys.executable, "-m", "mypy", "agent", "common")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_layers_hold() -> None:
+    """The import-linter contracts in pyproject.toml: the cache never imports S3 or Kubernetes code, transfer never
+    imports Kubernetes, the agent never imports torch or the server, the server reads only the cache layout."""
+    r = _run(str(BIN / "lint-imports"))
+    assert r.returncode == 0, r.stdout + r.stderr

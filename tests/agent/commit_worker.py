@@ -1,6 +1,6 @@
 """Cache operations as one process of the node runs them — the other side of the commit-protocol tests.
 
-``tests/agent/test_commit_protocol.py`` runs these operations in its own threads and, at the same time, in a second
+``tests/agent/store/test_commit_protocol.py`` runs these operations in its own threads and, at the same time, in a second
 process started from this module (``python -m tests.agent.commit_worker``): one JSON command per line on stdin, one
 JSON answer per line on stdout. Every operation opens its own ``Cache`` (its own flock descriptors, so two threads
 exclude each other exactly like two processes), joins the activity lock the way every agent process does, and
@@ -23,11 +23,11 @@ from typing import Any
 
 import xxhash
 
-from agent import locks, maintenance
-from agent.cache import Cache
 from agent.errors import WeightcacheError
-from agent.manifest import Manifest, ManifestFile, PlannedFile, compute_revision, source_id
-from agent.publish import FAILPOINT_ENV, Build
+from agent.store import locks, maintenance
+from agent.store.cache import Cache
+from agent.store.manifest import Manifest, ManifestFile, PlannedFile, compute_revision, source_id
+from agent.store.publish import FAILPOINT_ENV, Build
 from agent.uris import parse_model_uri
 
 #: An answer's "status" when a crash child raised instead of dying at its failpoint.

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import xxhash
 
-from agent.cache import Cache
 from agent.config import AgentSettings, load_settings
-from agent.fetch import Fetcher, FetchResult
-from agent.manifest import Manifest, ManifestFile, PlannedFile, compute_revision, source_id
-from agent.publish import Build
 from agent.s3 import S3Client
+from agent.store.cache import Cache
+from agent.store.manifest import Manifest, ManifestFile, PlannedFile, compute_revision, source_id
+from agent.store.publish import Build
+from agent.transfer.fetch import Fetcher, FetchResult
 from agent.uris import parse_model_uri
 from tests.fixtures.s3servers import S3Server
 
@@ -176,7 +176,7 @@ def build_model(cache: Cache, uri: str, files: Mapping[str, bytes], *, etag: str
 
 
 def digest_of(data: bytes) -> str:
-    """The cache's digest of some bytes (chunked xxh3-128), computed independently of agent.layout's hasher."""
+    """The cache's digest of some bytes (chunked xxh3-128), computed independently of agent.store.layout's hasher."""
     chunk = 1024 * 1024
     return xxhash.xxh3_128_hexdigest(b"".join(xxhash.xxh3_128_digest(data[i:i + chunk])
                                               for i in range(0, len(data), chunk)))

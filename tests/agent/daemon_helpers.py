@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.pods import PodInfo
+from agent.cluster.pods import PodInfo
 from tests.fixtures.fakekube import FakeKube
 from tests.fixtures.s3servers import S3Server, free_port
 
@@ -282,7 +282,7 @@ class RecordedEvent:
 
 @dataclass
 class RecordingReporter:
-    """Implements :class:`agent.reporting.Reporter` by remembering every call, for in-process tests."""
+    """Implements :class:`agent.cluster.reporting.Reporter` by remembering every call, for in-process tests."""
 
     events: list[RecordedEvent] = field(default_factory=list)
     conditions: dict[str, list[tuple[bool, str, str]]] = field(default_factory=dict)

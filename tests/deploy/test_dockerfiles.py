@@ -233,7 +233,7 @@ def test_dockerignore_keeps_out(path: str) -> None:
 
 
 @pytest.mark.parametrize("path", [
-    "pyproject.toml", "README.md", "agent/__init__.py", "agent/cache.py", "server/app.py",
+    "pyproject.toml", "README.md", "agent/__init__.py", "agent/store/cache.py", "server/app.py",
     "server/handlers/demo.py", "common/__init__.py", "common/units.py",
 ])
 def test_dockerignore_lets_the_build_inputs_in(path: str) -> None:

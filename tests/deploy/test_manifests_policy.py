@@ -279,7 +279,7 @@ def test_policy_configmap_follows_the_documented_format_with_comments(base: list
 
 
 def test_shipped_policy_parses_and_allows_the_example_its_models(base: list[Obj]) -> None:
-    policy_mod = pytest.importorskip("agent.policy")
+    policy_mod = pytest.importorskip("agent.cluster.policy")
     uris_mod = pytest.importorskip("agent.uris")
     policy = policy_mod.parse_policy(find(base, "ConfigMap", "weightcache-policy")["data"]["policy.yaml"])
     # Otherwise the example pod gets a Warning Event instead of its weights.

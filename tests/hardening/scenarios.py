@@ -680,12 +680,12 @@ class AnnotationFuzzer:
     allowed URI must earn the pod a Warning Event; nothing may crash and nothing may appear outside the root."""
 
     def __init__(self, root: Path) -> None:
-        from agent.cache import Cache
+        from agent.cluster.policy import parse_policy
         from agent.config import load_settings
-        from agent.demand import Reconciler
-        from agent.fetch import Fetcher
-        from agent.policy import parse_policy
+        from agent.daemon.demand import Reconciler
         from agent.s3 import S3Client
+        from agent.store.cache import Cache
+        from agent.transfer.fetch import Fetcher
 
         self.root = root
         self.loop = asyncio.new_event_loop()
@@ -700,7 +700,7 @@ class AnnotationFuzzer:
         self.pods = self.entries = self.warnings = 0
 
     def feed(self, annotation: str) -> None:
-        from agent.pods import PodInfo
+        from agent.cluster.pods import PodInfo
         from agent.uris import MAX_URIS_PER_ANNOTATION, parse_annotation
 
         self.pods += 1

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import xxhash
 
-from agent.layout import current_boot_id
+from agent.store.layout import current_boot_id
 from server.demo_model import DemoShape, write_demo_model
 
 REPO = Path(__file__).resolve().parents[2]

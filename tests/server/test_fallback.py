@@ -11,7 +11,7 @@ import pytest
 from tests.fixtures.s3servers import S3Server
 from tests.server.conftest import TINY, ServerProcess
 
-pytest.importorskip("agent.fetch", reason="the agent's fetch engine (agent/fetch.py) is not available")
+pytest.importorskip("agent.transfer.fetch", reason="the agent's fetch engine (agent/transfer/fetch.py) is not available")
 
 
 def test_model_missing_from_the_node_cache_is_fetched_into_the_fallback_dir(

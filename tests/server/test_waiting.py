@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.layout import current_boot_id
+from agent.store.layout import current_boot_id
 from server.errors import InvalidModelUriError, ModelWaitTimeoutError
 from server.waiting import nearest_existing_ancestor, resolve_model_path, wait_for_path
 
