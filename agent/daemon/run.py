@@ -40,7 +40,8 @@ from agent.transfer.fetch import Fetcher
 from agent.uris import ModelUri
 
 if TYPE_CHECKING:
-    from agent.cluster.kube import KubeApi, KubeReporter
+    from agent.cluster.kube import KubeApi
+    from agent.cluster.kubereport import KubeReporter
 
 log = logging.getLogger("agent.daemon.run")
 
@@ -101,7 +102,8 @@ async def run_daemon(settings: AgentSettings) -> int:
     kube_api: KubeApi | None = None
     kube: KubeReporter | None = None
     if settings.pods_file is None:
-        from agent.cluster.kube import KubeApi, KubeReporter
+        from agent.cluster.kube import KubeApi
+        from agent.cluster.kubereport import KubeReporter
 
         kube_api = await asyncio.to_thread(KubeApi, settings)
         reporter = kube = KubeReporter(kube_api)

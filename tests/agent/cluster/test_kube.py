@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from agent import metrics
-from agent.cluster.kube import KubeApi, KubeReporter, watch_pods
+from agent.cluster.kube import KubeApi, watch_pods
+from agent.cluster.kubereport import KubeReporter
 from agent.cluster.pods import PodInfo, pod_from_dict
 from agent.config import load_settings
 from agent.uris import label_key_for
