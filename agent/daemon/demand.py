@@ -33,6 +33,7 @@ from agent.cluster.pods import PodInfo
 from agent.cluster.policy import Policy
 from agent.cluster.reporting import NORMAL, WARNING, Reporter
 from agent.config import AgentSettings
+from agent.daemon.nodestate import NodeState
 from agent.daemon.pins import Pins
 from agent.errors import InvalidUriError, OverlappingModelError, PolicyDeniedError, WeightcacheError
 from agent.store.cache import Cache
@@ -47,12 +48,6 @@ POD_PRIORITY, WARM_PRIORITY = 0, 1
 PERMANENT_ERRORS = (InvalidUriError, OverlappingModelError, PolicyDeniedError)
 RETRY_BASE_SECONDS = 5.0
 RETRY_MAX_SECONDS = 300.0
-#: Housekeeping (replaced revisions, orphan blobs, budget) runs this often; it only stats and unlinks.
-MAINTENANCE_INTERVAL_SECONDS = 300.0
-#: After a signal, wait this long for more (a burst of models finishing together is one node patch).
-NODE_DEBOUNCE_SECONDS = 0.2
-#: A failed node patch is retried after a backoff growing to this (the node may be unreachable for a while).
-NODE_RETRY_MAX_SECONDS = 30.0
 GATE_REASONS = {"ready": "WeightsReady", "failed": "WeightsFailed", "fetching": "WeightsFetching",
                 "rejected": "WeightsRejected"}
 
@@ -101,12 +96,10 @@ class Reconciler:
         self._model_workers = model_workers
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
-        self._cache_changed = asyncio.Event()  # the set of ready models may differ: re-label the node
-        self._cache_changed.set()  # the first round labels the node
         self.pins = pins if pins is not None else Pins()  # the fetcher reads the same one (see agent.daemon.pins)
         self._written_pins: frozenset[str] | None = None
         self._pins_lock = asyncio.Lock()
-        self._node_ready: frozenset[str] = frozenset()  # the URIs the node was last told are ready
+        self.node = NodeState(settings=settings, cache=cache, reporter=reporter, pins=self.pins)
         self.synced = False
 
     # ----- lifecycle -----------------------------------------------------------------------------------
@@ -116,7 +109,7 @@ class Reconciler:
         async with asyncio.TaskGroup() as tg:
             for i in range(self._model_workers):
                 tg.create_task(self._worker(), name=f"model-worker-{i}")
-            tg.create_task(self._node_loop(), name="node-reporter")
+            tg.create_task(self.node.run(), name="node-reporter")
 
     async def aclose(self) -> None:
         for t in list(self._tasks):
@@ -134,7 +127,7 @@ class Reconciler:
 
     def cache_changed(self) -> None:
         """Something may have published or evicted a model: the node reporter re-reads the cache at once."""
-        self._cache_changed.set()
+        self.node.changed()
 
     # ----- pod events ----------------------------------------------------------------------------------
 
@@ -345,7 +338,7 @@ class Reconciler:
         entry.state, entry.result, entry.error, entry.error_reason, entry.attempts = "ready", result, "", "", 0
         if not result.hit:
             metrics.FETCH_DURATION.observe(result.seconds)
-        if not result.hit or uri.uri not in self._node_ready:
+        if not result.hit or uri.uri not in self.node.ready:
             self.cache_changed()  # published here, or by another process (a CLI prefetch) since the last look
         for uid in list(entry.waiters):
             d = self._pods.get(uid)
@@ -447,73 +440,3 @@ class Reconciler:
         counts["rejected"] = sum(len(d.rejected) for d in self._pods.values())
         for state, n in counts.items():
             metrics.MODELS.labels(state=state).set(n)
-
-    async def _node_loop(self) -> None:
-        """Tell the node which models are ready (labels + annotation) when that set may have changed.
-
-        Woken by :meth:`cache_changed` (debounced) or every ``node_resync_seconds``; the cache is read in a
-        thread. A failed patch is retried with backoff until it goes through. Also runs the periodic maintenance
-        and keeps the cache gauges fresh.
-        """
-        last: list[str] | None = None
-        failures = 0
-        next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_SECONDS
-        while True:
-            wait = self.settings.node_resync_seconds
-            if failures:
-                wait = min(NODE_RETRY_MAX_SECONDS, 0.5 * 2.0 ** min(failures, 10))
-            wait = min(wait, max(next_maintenance - time.monotonic(), 0.0))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._cache_changed.wait(), timeout=wait)
-                await asyncio.sleep(NODE_DEBOUNCE_SECONDS)
-            self._cache_changed.clear()
-            if time.monotonic() >= next_maintenance:
-                next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_SECONDS
-                try:
-                    await asyncio.to_thread(self._maintenance, self.pins.snapshot())
-                except Exception as e:  # noqa: BLE001 - housekeeping must never stop the loop
-                    log.warning("cache maintenance failed: %s", e)
-            try:
-                ready = await asyncio.to_thread(self._ready_uris)
-                if ready != last or failures:
-                    await self.reporter.node_models(ready)
-                    last, self._node_ready = ready, frozenset(ready)
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - the API may be down: retried with backoff
-                failures += 1
-                log.warning("cannot update node model labels (attempt %d): %s", failures, e)
-            try:
-                await asyncio.to_thread(self._update_cache_gauges)
-            except Exception as e:  # noqa: BLE001 - a gauge must never stop the loop
-                log.warning("cannot read cache usage: %s", e)
-
-    def _maintenance(self, pinned: frozenset[str]) -> None:
-        """Drop replaced revisions past their grace, orphan blobs, and anything over the budget (LRU first).
-
-        Runs in a worker thread: it gets the pinned set as an argument and touches none of the loop's state.
-        """
-        from agent.store.eviction import make_room
-
-        self.cache.remove_old_revisions(min_age_seconds=self.settings.old_revision_grace_seconds)
-        freed = self.cache.sweep_orphan_blobs()
-        if freed:
-            log.info("maintenance: removed orphan blobs (%s)", format_size(freed))
-        make_room(self.cache, need_bytes=0, settings=self.settings, pinned=set(pinned), for_uri="maintenance")
-
-    def _ready_uris(self) -> list[str]:
-        out = []
-        for m in self.cache.list_manifests():
-            try:
-                if self.cache.lookup(m.model_uri) is not None:
-                    out.append(m.uri)
-            except WeightcacheError:
-                continue
-        return sorted(out)
-
-    def _update_cache_gauges(self) -> None:
-        used = self.cache.used_bytes()
-        metrics.CACHE_BYTES_USED.set(used)
-        cap = self.settings.max_bytes or max(used + self.cache.free_bytes() - self.settings.min_free_bytes, 0)
-        metrics.CACHE_BYTES_CAPACITY.set(cap)
