@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from server.errors import CorruptModelError, ModelLoadError
-from server.loading import discover, load_model, read_safetensors_header
+from server.formats import discover, read_safetensors_header
+from server.loading import load_model
 from tests.server.conftest import CacheRoot
 
 CPU = torch.device("cpu")
