@@ -101,9 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _prefetch(settings: AgentSettings, uris: list[str]) -> int:
-    from agent.s3 import S3Client
     from agent.transfer.fetch import Fetcher
     from agent.transfer.progress import Progress
+    from agent.transfer.s3 import S3Client
     from agent.uris import parse_model_uri
 
     models = []
@@ -142,8 +142,8 @@ async def _prefetch(settings: AgentSettings, uris: list[str]) -> int:
 
 
 async def _verify(settings: AgentSettings, uris: set[str], *, repair: bool) -> int:
-    from agent.s3 import S3Client
     from agent.transfer.fetch import Fetcher
+    from agent.transfer.s3 import S3Client
     from agent.transfer.verify import verify
 
     cache = Cache(settings.cache_dir, fsync=settings.fsync)

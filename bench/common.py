@@ -7,6 +7,7 @@ import os
 import resource
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,26 +35,30 @@ class Timed:
 
 
 def run_timed(cmd: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 900) -> Timed:
-    """Run a command, return wall time and its peak RSS (via wait4's rusage: this child only)."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    out = b""
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            proc.kill()
-            pid, status, usage = os.wait4(proc.pid, 0)
-            break
-        time.sleep(0.005)
-    elapsed = time.perf_counter() - t
-    if proc.stdout:
-        out = proc.stdout.read()
-        proc.stdout.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return Timed(elapsed, usage.ru_maxrss / 1024, proc.returncode, out.decode(errors="replace"))
+    """Run a command, return wall time and its peak RSS (via wait4's rusage: this child only).
+
+    Output goes to an unlinked temporary file, not a pipe: this loop waits with ``wait4`` and reads nothing until
+    the child exits, so a child printing more than a pipe holds (64 KiB: ``s5cmd cp`` prints a line per object,
+    2,000 objects fill it) would block in ``write`` forever.
+    """
+    with tempfile.TemporaryFile() as out:
+        t = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.005)
+        elapsed = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    return Timed(elapsed, usage.ru_maxrss / 1024, proc.returncode, text)
 
 
 def median(values: Sequence[float]) -> float:

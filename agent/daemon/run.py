@@ -33,10 +33,10 @@ from agent.daemon.http import StatusApi, start_servers
 from agent.daemon.peering import open_peering
 from agent.daemon.pins import Pins
 from agent.errors import ConfigError
-from agent.s3 import S3Client
 from agent.store.cache import Cache
 from agent.store.maintenance import flush_pending
 from agent.transfer.fetch import Fetcher
+from agent.transfer.s3 import S3Client
 from agent.uris import ModelUri
 
 if TYPE_CHECKING:

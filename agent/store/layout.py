@@ -24,6 +24,7 @@ reboot anything else is re-verified before it is served (``is_trusted``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable
@@ -64,6 +65,12 @@ def current_boot_id() -> str:
     override = os.environ.get(BOOT_ID_ENV)
     if override:
         return override
+    return _kernel_boot_id()
+
+
+@functools.cache
+def _kernel_boot_id() -> str:
+    """Read once per process: a process never outlives its boot (every part record and journal line asks)."""
     try:
         return _BOOT_ID_FILE.read_text("ascii").strip()
     except OSError:

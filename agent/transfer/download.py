@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 
 from agent.config import AgentSettings
 from agent.errors import S3Error
-from agent.s3 import S3Client
 from agent.store import layout
 from agent.store.cache import Cache
 from agent.store.manifest import ManifestFile, PlannedFile, source_id
@@ -40,6 +39,7 @@ from agent.transfer.parts import (
     pwrite_all,
     record_header,
 )
+from agent.transfer.s3 import S3Client
 from agent.transfer.sourceboard import SharedSource, SourceBoard
 from agent.uris import ModelUri
 
@@ -146,14 +146,18 @@ class Downloader:
 
     async def _adopt(self, job: ModelJob, f: PlannedFile, tmp: Path, chunks: list[bytes],
                      shared: SharedSource) -> ManifestFile:
-        size = await asyncio.to_thread(lambda: os.stat(tmp).st_size)
-        if size != f.size:
-            raise S3Error(f"{f.key}: downloaded {size} bytes, expected {f.size}")
         digest = layout.combine_chunk_digests(chunks)
         entry = ManifestFile(path=f.relpath, size=f.size, xxh3_128=digest, key=f.key, etag=f.etag)
-        await in_thread(job.build.adopt_file, tmp, digest=digest, size=f.size, relpath=f.relpath, chunks=chunks)
-        shared.completed(self.cache.blob_path(digest), digest)
-        await in_thread(journal_append, self.cache, job.model.model_id, job.revision, entry)
+
+        def adopt() -> None:  # one trip to a worker thread per file, not three
+            size = os.stat(tmp).st_size
+            if size != f.size:
+                raise S3Error(f"{f.key}: downloaded {size} bytes, expected {f.size}")
+            job.build.adopt_file(tmp, digest=digest, size=f.size, relpath=f.relpath, chunks=chunks)
+            shared.completed(self.cache.blob_path(digest), digest)
+            journal_append(self.cache, job.model.model_id, job.revision, entry)
+
+        await in_thread(adopt)
         return entry
 
     def _progress_fn(self, progress: ProgressFn | None, source: str = "s3") -> Callable[[int], None]:

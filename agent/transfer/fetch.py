@@ -25,7 +25,6 @@ from agent.errors import (
     S3Error,
     WeightcacheError,
 )
-from agent.s3 import S3Client
 from agent.store.cache import Cache, Lookup
 from agent.store.eviction import make_room
 from agent.store.maintenance import flush_build
@@ -34,6 +33,7 @@ from agent.store.publish import Build, journal_clear, journal_read
 from agent.transfer.aiotools import gather_all, in_thread
 from agent.transfer.download import Downloader, ModelJob, ProgressFn
 from agent.transfer.listing import Listing, list_model
+from agent.transfer.s3 import S3Client
 from agent.transfer.sourceboard import SourceBoard
 from agent.uris import ModelUri, parse_model_uri
 

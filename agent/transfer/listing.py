@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.errors import InvalidUriError, ObjectNotFoundError
-from agent.s3 import S3Client
 from agent.store.manifest import PlannedFile, compute_revision
+from agent.transfer.s3 import S3Client
 from agent.uris import ModelUri, validate_relative_key
 
 

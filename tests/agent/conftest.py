@@ -18,11 +18,11 @@ import pytest
 import xxhash
 
 from agent.config import AgentSettings, load_settings
-from agent.s3 import S3Client
 from agent.store.cache import Cache
 from agent.store.manifest import Manifest, ManifestFile, PlannedFile, compute_revision, source_id
 from agent.store.publish import Build
 from agent.transfer.fetch import Fetcher, FetchResult
+from agent.transfer.s3 import S3Client
 from agent.uris import parse_model_uri
 from tests.fixtures.s3servers import S3Server
 

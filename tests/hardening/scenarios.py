@@ -683,9 +683,9 @@ class AnnotationFuzzer:
         from agent.cluster.policy import parse_policy
         from agent.config import load_settings
         from agent.daemon.demand import Reconciler
-        from agent.s3 import S3Client
         from agent.store.cache import Cache
         from agent.transfer.fetch import Fetcher
+        from agent.transfer.s3 import S3Client
 
         self.root = root
         self.loop = asyncio.new_event_loop()

@@ -27,9 +27,9 @@ from agent.cluster.policy import Policy, parse_policy
 from agent.config import AgentSettings, load_settings
 from agent.daemon.demand import Reconciler
 from agent.daemon.pins import Pins
-from agent.s3 import S3Client
 from agent.store.cache import Cache
 from agent.transfer.fetch import Fetcher
+from agent.transfer.s3 import S3Client
 from agent.uris import parse_annotation, parse_model_uri
 from tests.agent.daemon_helpers import (
     RecordingReporter,

@@ -29,9 +29,9 @@ from agent import metrics
 from agent.config import AgentSettings, load_settings
 from agent.daemon.http import StatusApi, start_servers
 from agent.errors import ConfigError
-from agent.s3 import S3Client
 from agent.store.cache import Cache
 from agent.transfer.fetch import Fetcher
+from agent.transfer.s3 import S3Client
 from agent.uris import parse_model_uri
 from tests.agent.daemon_helpers import (
     parse_metrics,

@@ -113,8 +113,8 @@ async def test_resume_records_of_an_earlier_boot_are_discarded_and_zeros_never_v
     reboot(monkeypatch, "boot-1")
     cache = Cache(settings.cache_dir)
     cache.ensure_layout()
-    from agent.s3 import S3Client
     from agent.transfer.fetch import Fetcher
+    from agent.transfer.s3 import S3Client
 
     async with S3Client(settings) as s3:
         listing = await Fetcher(settings, cache, s3).list_model(parse_model_uri(f"s3://{bucket}/m/"))

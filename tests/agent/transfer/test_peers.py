@@ -22,10 +22,10 @@ import pytest
 from agent import metrics
 from agent.config import AgentSettings
 from agent.daemon.peering import Peering, open_peering
-from agent.s3 import S3Client
 from agent.store.cache import Cache
 from agent.store.manifest import source_id
 from agent.transfer.fetch import Fetcher, FetchResult
+from agent.transfer.s3 import S3Client
 from tests.agent.conftest import MiB, make_settings, put_all, read_tree, use_endpoint
 from tests.fixtures.faultproxy import FaultPlan, FaultProxy
 from tests.fixtures.s3servers import S3Server, free_port

@@ -1,16 +1,22 @@
-"""Tests for agent/s3.py against real S3 servers (moto and rclone) on loopback, some behind the fault proxy, a TLS
+"""Tests for agent/transfer/s3.py against real S3 servers (moto and rclone) on loopback, some behind the fault proxy, a TLS
 front (HTTPS with a CA made at run time) or a forward proxy (CONNECT and absolute-form)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import urllib.parse
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
+import botocore.session
 import pytest
+from botocore.config import Config
+from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
+from yarl import URL
 
 from agent import errors
 from agent.errors import (
@@ -25,9 +31,19 @@ from agent.errors import (
     S3Error,
     WriteError,
 )
-from agent.s3 import ObjectInfo, S3Client, TruncatedBodyError, is_retryable, normalize_etag
-from agent.s3 import WriteError as S3WriteError
+from agent.transfer.s3 import (
+    _PROBE_KEY,
+    ObjectInfo,
+    S3Client,
+    TruncatedBodyError,
+    _fast_presigner,
+    is_retryable,
+    normalize_etag,
+)
+from agent.transfer.s3 import WriteError as S3WriteError
+from agent.transfer.s3data import host_header, presign_get
 from tests.agent.conftest import MiB, make_settings, put_all, use_endpoint
+from tests.fixtures.background import BackgroundServer
 from tests.fixtures.connectproxy import ConnectProxy
 from tests.fixtures.faultproxy import FaultPlan, FaultProxy
 from tests.fixtures.s3servers import S3Server
@@ -414,3 +430,158 @@ async def test_an_untrusted_certificate_fails_at_once_instead_of_being_retried(
             with pytest.raises(S3Error, match="certificate is not trusted"):
                 await read_all(s3, bucket, info)
             assert s3.retries == 0
+
+
+# --- presigning -----------------------------------------------------------------------------------------------
+
+
+def _botocore_presigner(credentials: Credentials, *, region: str, endpoint: str | None, style: str) -> Any:
+    session = botocore.session.Session()
+    session.set_credentials(credentials.access_key, credentials.secret_key, credentials.token)
+    return session.create_client("s3", region_name=region, endpoint_url=endpoint,
+                                 config=Config(signature_version="s3v4", s3={"addressing_style": style}))
+
+
+@pytest.mark.parametrize("token", [None, "session/token+with=odd&chars"])
+@pytest.mark.parametrize(("region", "endpoint", "style"), [
+    ("us-east-1", "http://127.0.0.1:9000", "path"),
+    ("eu-west-1", None, "virtual"),
+    ("us-west-2", None, "path"),
+    ("us-east-1", "https://s3.example.com:443", "path"),
+])
+@pytest.mark.parametrize("key", ["m/model.safetensors", "m/é z+(1)=&?%#~.bin", "a/b/c/d/tokenizer.json"])
+def test_presigned_urls_are_the_ones_botocore_makes(token: str | None, region: str, endpoint: str | None,
+                                                    style: str, key: str) -> None:
+    credentials = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
+    client = _botocore_presigner(credentials, region=region, endpoint=endpoint, style=style)
+    theirs = client.generate_presigned_url("get_object", Params={"Bucket": "models", "Key": key}, ExpiresIn=900)
+    u = urllib.parse.urlsplit(theirs)
+    query = dict(urllib.parse.parse_qsl(u.query, keep_blank_values=True))
+    ours = presign_get(scheme=u.scheme, host=host_header(u.scheme, u.hostname or "", u.port), path=u.path,
+                       region=region, access_key=credentials.access_key, secret_key=credentials.secret_key,
+                       token=token, amz_date=query["X-Amz-Date"])
+    assert dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(ours).query, keep_blank_values=True)) == query
+    assert urllib.parse.urlsplit(ours).path == u.path
+
+
+@pytest.mark.parametrize(("region", "endpoint", "style"), [("us-east-1", "http://127.0.0.1:9000", "path"),
+                                                           ("eu-west-1", None, "virtual")])
+def test_the_fast_presigner_signs_every_key_as_botocore_does(region: str, endpoint: str | None, style: str) -> None:
+    credentials = Credentials("AKIDEXAMPLE", "secret", "token")
+    client = _botocore_presigner(credentials, region=region, endpoint=endpoint, style=style)
+
+    def theirs(key: str) -> str:
+        return str(client.generate_presigned_url("get_object", Params={"Bucket": "models", "Key": key},
+                                                 ExpiresIn=900))
+
+    fast = _fast_presigner(theirs(_PROBE_KEY), credentials)
+    assert fast is not None
+    for key in ["m/model-00001-of-00002.safetensors", "m/ü ñ/@!$'()*,;.txt"]:
+        a, b = urllib.parse.urlsplit(fast(key)), urllib.parse.urlsplit(theirs(key))
+        qa, qb = (dict(urllib.parse.parse_qsl(x.query)) for x in (a, b))
+        assert (a.scheme, a.hostname, a.path) == (b.scheme, b.hostname, b.path)
+        if qa["X-Amz-Date"] == qb["X-Amz-Date"]:  # signed in the same second: the same URL
+            assert qa == qb
+
+
+def test_a_presigned_url_in_a_form_we_do_not_reproduce_is_left_to_botocore() -> None:
+    credentials = Credentials("AKIDEXAMPLE", "secret")
+    client = _botocore_presigner(credentials, region="us-east-1", endpoint="http://127.0.0.1:9000", style="path")
+    reference = str(client.generate_presigned_url("get_object", Params={"Bucket": "models", "Key": _PROBE_KEY},
+                                                  ExpiresIn=900))
+    assert _fast_presigner(reference, credentials) is not None
+    assert _fast_presigner(reference + "&x-id=GetObject", credentials) is None  # a parameter we do not sign
+    assert _fast_presigner(reference, Credentials("AKIDEXAMPLE", "another secret")) is None  # not reproduced
+    assert _fast_presigner(reference.replace("weightcache/probe", "other"), credentials) is None  # key not found
+    assert _fast_presigner(reference, None) is None
+
+
+# --- the lean HTTP client: kept-alive connections and chunked bodies -----------------------------------------
+
+
+class OneByOneFront(BackgroundServer):
+    """A plain-HTTP front that passes one request at a time to ``upstream`` (a fresh upstream connection each)
+    and keeps the client's connection alive between them, as S3 does, until it has been idle ``idle`` seconds,
+    then closes it, as S3 does. With ``chunked``, successful GET bodies come back ``Transfer-Encoding: chunked``
+    (as some proxies send them). Bytes are not rewritten otherwise, so SigV4 verifies upstream as it would."""
+
+    _thread_name = "onebyone"
+
+    def __init__(self, upstream: S3Server, *, idle: float = 60.0, chunked: bool = False) -> None:
+        super().__init__()
+        url = URL(upstream.endpoint_url)
+        assert url.host is not None and url.port is not None
+        self._upstream = (url.host, url.port)
+        self._idle, self._chunked = idle, chunked
+        self.connections = 0
+        self.idle_closes = 0
+        self.chunked_bodies = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self.lock:
+            self.connections += 1
+        while True:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=self._idle)
+            except TimeoutError:
+                with self.lock:
+                    self.idle_closes += 1
+                return  # the handler's end closes the connection
+            lines = head.decode("latin-1").split("\r\n")
+            kept = [line for line in lines[1:] if line and not line.lower().startswith("connection:")]
+            request = "\r\n".join([lines[0], *kept, "Connection: close", "", ""]).encode("latin-1")
+            up_reader, up_writer = await self.open_upstream(*self._upstream)
+            try:
+                up_writer.write(request)
+                await up_writer.drain()
+                answer = await up_reader.read()  # until the upstream closes: the whole response
+            finally:
+                self.close_upstream(up_writer)
+            writer.write(self._reframe(lines[0], answer))
+            await writer.drain()
+
+    def _reframe(self, request_line: str, answer: bytes) -> bytes:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = [line for line in head.decode("latin-1").split("\r\n")
+                 if not line.lower().startswith("connection:")]
+        status = int(lines[0].split(" ")[1])
+        if self._chunked and request_line.startswith("GET ") and status in (200, 206):
+            lines = [line for line in lines if not line.lower().startswith("content-length:")]
+            lines.append("Transfer-Encoding: chunked")
+            pieces = [body[i:i + 7_000] for i in range(0, len(body), 7_000)]
+            body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+            with self.lock:
+                self.chunked_bodies += 1
+        return "\r\n".join([*lines, "", ""]).encode("latin-1") + body
+
+
+async def test_a_kept_alive_connection_closed_while_idle_is_reopened_without_spending_a_retry(
+        s3_server: S3Server, bucket: str, tmp_path, monkeypatch) -> None:
+    data = os.urandom(300_000)
+    put_all(s3_server, bucket, {"obj": data})
+    with OneByOneFront(s3_server, idle=0.3) as front:
+        use_endpoint(monkeypatch, s3_server, front.url)
+        async with S3Client(make_settings(tmp_path)) as s3:
+            info = await s3.head_object(bucket, "obj")
+            assert await read_all(s3, bucket, info, buffer_size=MiB) == data
+            while front.idle_closes < front.connections:  # every connection so far closed by the server
+                await asyncio.sleep(0.05)
+            assert await read_all(s3, bucket, info, buffer_size=MiB) == data
+            assert s3.retries == 0
+
+
+async def test_a_chunked_body_is_read_as_the_same_bytes(s3_server: S3Server, bucket: str, tmp_path,
+                                                        monkeypatch) -> None:
+    data = os.urandom(300_000)
+    put_all(s3_server, bucket, {"obj": data})
+    with OneByOneFront(s3_server, chunked=True) as front:
+        use_endpoint(monkeypatch, s3_server, front.url)
+        async with S3Client(make_settings(tmp_path)) as s3:
+            info = await s3.head_object(bucket, "obj")
+            assert await read_all(s3, bucket, info) == data
+            assert await read_all(s3, bucket, info, start=12_345, length=100_001) == data[12_345:112_346]
+        assert front.chunked_bodies == 2
