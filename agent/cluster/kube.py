@@ -1,7 +1,8 @@
 """The Kubernetes API: its client (every call this agent makes) and the pods list+watch on this node.
 
-With :mod:`agent.cluster.kubereport`, the only modules that import ``kubernetes``. The official client is
-synchronous: every call runs in a worker thread, and a watch streams its lines from a thread into an asyncio queue. Watching follows kopf's three layers:
+The only module that imports ``kubernetes`` (others read its errors through :func:`api_status`). The client is
+synchronous: every call runs in a worker thread, and a watch streams its lines from a thread into an asyncio queue.
+Watching follows kopf's three layers:
 *infinite* (relist after 410 Gone or an error, with bounded backoff) → *continuous* (resume from the last
 resourceVersion, bookmarks included, until the server says the version is too old; a stream that goes silent
 past the inactivity timeout is resumed the same way, never relisted) → *one request* (a single streaming GET
@@ -74,6 +75,20 @@ def describe_api_error(e: BaseException) -> str:
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def api_status(e: BaseException) -> int | None:
+    """The HTTP status of an API error; None for anything else (unreachable, timeouts)."""
+    return int(e.status) if isinstance(e, ApiException) and e.status is not None else None
+
+
+def is_conflict(e: BaseException) -> bool:
+    """409 Conflict, or 422 from a JSON patch whose ``test`` op failed: the object is not what we read."""
+    if not isinstance(e, ApiException):
+        return False
+    if e.status == 409:
+        return True
+    return e.status == 422 and "test" in (e.body.decode() if isinstance(e.body, bytes) else str(e.body or ""))
 
 
 class KubeApi:

@@ -15,8 +15,6 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
-from kubernetes.client.rest import ApiException
-
 from agent import metrics
 from agent.cluster.kube import (
     COMPONENT,
@@ -25,8 +23,10 @@ from agent.cluster.kube import (
     NODE_ANNOTATION,
     STARTUP_TAINT_KEY,
     KubeApi,
+    api_status,
     backoff_delay,
     first_line,
+    is_conflict,
     now_rfc3339,
 )
 from agent.cluster.pods import READINESS_GATE, PodInfo
@@ -81,14 +81,12 @@ class KubeReporter:
                 await asyncio.to_thread(self.api.patch_event, namespace, rec.name,
                                         {"count": rec.count, "lastTimestamp": now})
             metrics.EVENTS_POSTED.labels(reason=reason).inc()
-        except ApiException as e:
-            if not new and e.status == 404:  # the event expired (TTL): start a fresh one
+        except Exception as e:  # noqa: BLE001 - API errors and unreachable (urllib3/OS errors): an Event must never
+            # abort the fetch or the reconcile step that reports it; a repeat re-creates it (the 404 path).
+            if not new and api_status(e) == 404:  # the event expired (TTL): start a fresh one
                 self._agg.forget(obj_uid)
                 await self._event(namespace, obj_name, obj_uid, involved, type, reason, message)
                 return
-            log.warning("cannot post event %s on %s/%s: %s", reason, namespace, obj_name, e.reason)
-        except Exception as e:  # noqa: BLE001 - API unreachable (urllib3/OS errors): an Event must never
-            # abort the fetch or the reconcile step that reports it; a repeat re-creates it (404 path above).
             log.warning("cannot post event %s on %s/%s: %s: %s", reason, namespace, obj_name, e.__class__.__name__,
                         first_line(e))
         log.log(logging.WARNING if type == WARNING else logging.INFO, "%s/%s %s: %s", namespace, obj_name, reason,
@@ -182,7 +180,7 @@ class KubeReporter:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - sorted below: conflicts re-read at once, the rest back off
-                if _is_conflict(e):
+                if is_conflict(e):
                     conflicts += 1
                     metrics.NODE_API_ERRORS.labels(op="conflict").inc()
                     log.info("node %s changed between our read and our write (%s); reading it again",
@@ -208,12 +206,3 @@ class KubeReporter:
     async def node_has_startup_taint(self) -> bool:
         node = await self._read_node_once()
         return any(t.get("key") == STARTUP_TAINT_KEY for t in (node.get("spec") or {}).get("taints") or [])
-
-
-def _is_conflict(e: BaseException) -> bool:
-    """409 Conflict, or 422 from a JSON patch whose ``test`` op failed: the node is not what we read."""
-    if not isinstance(e, ApiException):
-        return False
-    if e.status == 409:
-        return True
-    return e.status == 422 and "test" in (e.body.decode() if isinstance(e.body, bytes) else str(e.body or ""))
