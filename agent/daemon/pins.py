@@ -1,6 +1,7 @@
 """The pinned set: the models a live pod on this node wants, which eviction must never remove.
 
-The :class:`~agent.daemon.demand.Reconciler` decides it and the :class:`~agent.transfer.fetch.Fetcher` reads it (to make room
+The :class:`~agent.daemon.demand.Reconciler` decides it and the :class:`~agent.transfer.fetch.Fetcher` reads
+it (to make room
 for a download without evicting a model in use), so it exists before either: the daemon creates one ``Pins`` and
 hands it to both. The reconciler replaces the set whole on the event loop; readers in worker threads get the
 current frozenset, which a swap never changes under them, so no lock is needed. Other processes learn the set

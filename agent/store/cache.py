@@ -1,6 +1,7 @@
 """The node cache: where things are, which build of a model is live, and the mutable bookkeeping beside it.
 
-The layout itself (and how a reader resolves a pointer) is :mod:`agent.store.layout`, shared with the server. This module
+The layout itself (and how a reader resolves a pointer) is :mod:`agent.store.layout`, shared with the server.
+This module
 answers "is this URI ready, and from where?" and keeps the bookkeeping that may change (last use, pins, when a
 build was replaced) in ``state/``, written atomically: losing any of it costs at most an LRU ordering or a longer
 grace. Building and publishing live in :mod:`agent.store.publish`; eviction, gc, flushing and recovery in

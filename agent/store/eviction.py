@@ -2,7 +2,8 @@
 
 Least-recently-used models go first. A model is never evicted while it is pinned (a pod on the node wants it:
 the daemon's pins, in memory and in ``state/pins.json`` for other processes) or locked (being fetched). Removal
-deletes pointers before blobs (see :func:`agent.store.maintenance.remove_model`), so a reader never follows a pointer into nothing.
+deletes pointers before blobs (see :func:`agent.store.maintenance.remove_model`), so a reader never follows a
+pointer into nothing.
 """
 
 from __future__ import annotations

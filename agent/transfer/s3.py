@@ -15,8 +15,9 @@ is :mod:`agent.transfer.s3data`. What stays here, because it needs botocore: sig
 follows a wrong-region redirect for the requests it sends, but signs a presigned URL for the client's own region
 whatever it learned, so a bucket outside ``AWS_REGION`` would list fine and then fail every GET. The bucket's
 region is learned once per bucket (``x-amz-bucket-region`` from a response we already had, else HeadBucket, as
-botocore's redirector does), and GETs are presigned for that region: by :func:`agent.transfer.s3data.presign_get` (hmac,
-~20 µs) once it has been shown to produce botocore's own URL for that bucket, else by botocore (~300 µs each).
+botocore's redirector does), and GETs are presigned for that region: by
+:func:`agent.transfer.presign.presign_get` (hmac, ~20 µs) once it has been shown to produce botocore's own URL for
+that bucket, else by botocore (~300 µs each).
 
 This module never logs a credential, a presigned URL (it is one) nor a proxy URL's password.
 """
@@ -61,15 +62,8 @@ from agent.errors import (
     S3Error,
     WriteError,
 )
-from agent.transfer.s3data import (
-    PRESIGN_SECONDS,
-    DataPlane,
-    HttpStatusError,
-    RangeJob,
-    TruncatedBodyError,
-    host_header,
-    presign_get,
-)
+from agent.transfer.presign import PRESIGN_SECONDS, host_header, presign_get
+from agent.transfer.s3data import DataPlane, HttpStatusError, RangeJob, TruncatedBodyError
 
 __all__ = [
     "PRESIGN_SECONDS",
@@ -416,7 +410,7 @@ _QUERY_KEYS = {"X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expir
 
 
 def _fast_presigner(reference: str, credentials: Any) -> Callable[[str], str] | None:
-    """A presigner that signs with :func:`agent.transfer.s3data.presign_get`, if it reproduces ``reference`` exactly.
+    """A presigner that signs with :func:`agent.transfer.presign.presign_get`, if it reproduces ``reference`` exactly.
 
     ``reference`` is botocore's presigned URL for :data:`_PROBE_KEY`: it shows where the bucket's objects live
     (scheme, host, the path before the key: path-style or virtual-hosted, any endpoint rule), the region and the

@@ -1,8 +1,9 @@
 """The S3 data plane: blocking ranged GETs of presigned URLs over a lean HTTP/1.1 client, in worker threads.
 
-:class:`agent.transfer.s3.S3Client` hands each GET attempt to a worker thread that runs :meth:`DataPlane.get`; the bytes are
-received into the caller's buffer and handed to its ``write`` (``pwrite`` and hash) in that same thread, so the event
-loop never touches object data. This module must never log a URL (a presigned URL is a credential), a signature
+:class:`agent.transfer.s3.S3Client` hands each GET attempt to a worker thread that runs :meth:`DataPlane.get`; the
+bytes are received into the caller's buffer and handed to its ``write`` (``pwrite`` and hash) in that same thread, so
+the event loop never touches object data. This module must never log a URL (a presigned URL is a credential),
+a signature
 or a proxy's password, and never import botocore: it gets URLs from a ``presign`` callable.
 
 Why by hand rather than http.client (measured on 2 cores; see ``bench/datapath.py``):
@@ -21,9 +22,7 @@ What it must do itself, because botocore no longer carries these bytes: proxies 
 absolute-form requests for http), and checking which bytes came back (a ``200`` is the requested range only if
 ``Content-Range`` says so, or if the range was the whole object).
 
-Presigning is cheap too (:func:`presign_get`): SigV4 query signing with ``hmac`` and a signing key cached per day
-and region, about 20 µs against about 300 µs for botocore's ``generate_presigned_url``. :mod:`agent.transfer.s3` proves it
-against botocore's own URL for each bucket before using it, and keeps botocore's presigning where they differ.
+Presigning is cheap too: :mod:`agent.transfer.presign`.
 """
 
 from __future__ import annotations
@@ -31,9 +30,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
-import functools
-import hashlib
-import hmac
 import http.client
 import os
 import re
@@ -41,7 +37,6 @@ import socket
 import ssl
 import struct
 import threading
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -54,19 +49,16 @@ from agent.errors import (
     RangeNotSupportedError,
     WriteError,
 )
+from agent.transfer.presign import host_header
 
 __all__ = [
-    "PRESIGN_SECONDS",
     "DataPlane",
     "GetCancelled",
     "HttpStatusError",
     "RangeJob",
     "TruncatedBodyError",
-    "presign_get",
 ]
 
-#: Presigned URLs are made per attempt; one attempt is one part (≤ 64 MiB), so minutes are plenty.
-PRESIGN_SECONDS = 900
 #: The longest response head accepted (S3 sends under 2 KiB); also the size of each connection's head buffer.
 _HEAD_MAX = 64 * 1024
 _WAITALL = getattr(socket, "MSG_WAITALL", 0)
@@ -90,47 +82,6 @@ class GetCancelled(Exception):
 
 class _StaleConnection(ConnectionError):
     """A kept-alive connection closed before any byte of the answer: send the request again on a new one."""
-
-
-# --- presigning -----------------------------------------------------------------------------------------------
-
-_QUERY_SAFE = "-_.~"
-
-
-@functools.lru_cache(maxsize=16)
-def _signing_key(secret_key: str, date: str, region: str) -> bytes:
-    key = hmac.digest(f"AWS4{secret_key}".encode(), date.encode(), "sha256")
-    for part in (region, "s3", "aws4_request"):
-        key = hmac.digest(key, part.encode(), "sha256")
-    return key
-
-
-def presign_get(*, scheme: str, host: str, path: str, region: str, access_key: str, secret_key: str,
-                token: str | None, amz_date: str | None = None, expires: int = PRESIGN_SECONDS) -> str:
-    """A presigned GET URL, as botocore's ``generate_presigned_url("get_object")`` makes it (SigV4, query auth).
-
-    ``host`` is the Host header the request will carry (no default port); ``path`` is already percent-encoded,
-    as S3 signs it (no normalisation); ``amz_date`` (``YYYYMMDDTHHMMSSZ``) defaults to now.
-    """
-    amz_date = amz_date or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    scope = f"{amz_date[:8]}/{region}/s3/aws4_request"
-    params = [("X-Amz-Algorithm", "AWS4-HMAC-SHA256"), ("X-Amz-Credential", f"{access_key}/{scope}"),
-              ("X-Amz-Date", amz_date), ("X-Amz-Expires", str(expires)), ("X-Amz-SignedHeaders", "host")]
-    if token is not None:
-        params.append(("X-Amz-Security-Token", token))
-    quote = urllib.parse.quote
-    query = "&".join(f"{k}={v}" for k, v in sorted((quote(k, safe=_QUERY_SAFE), quote(v, safe=_QUERY_SAFE))
-                                                   for k, v in params))
-    canonical = f"GET\n{path}\n{query}\nhost:{host}\n\nhost\nUNSIGNED-PAYLOAD"
-    to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-    signature = hmac.new(_signing_key(secret_key, amz_date[:8], region), to_sign.encode(), "sha256").hexdigest()
-    return f"{scheme}://{host}{path}?{query}&X-Amz-Signature={signature}"
-
-
-def host_header(scheme: str, host: str, port: int | None) -> str:
-    """The Host header for a URL's parts: the port only when it is not the scheme's default (as signed)."""
-    name = f"[{host}]" if ":" in host else host
-    return name if port is None or port == {"http": 80, "https": 443}.get(scheme) else f"{name}:{port}"
 
 
 # --- one GET --------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from agent.errors import (
     S3Error,
     WriteError,
 )
+from agent.transfer.presign import host_header, presign_get
 from agent.transfer.s3 import (
     _PROBE_KEY,
     ObjectInfo,
@@ -41,7 +42,6 @@ from agent.transfer.s3 import (
     normalize_etag,
 )
 from agent.transfer.s3 import WriteError as S3WriteError
-from agent.transfer.s3data import host_header, presign_get
 from tests.agent.conftest import MiB, make_settings, put_all, use_endpoint
 from tests.fixtures.background import BackgroundServer
 from tests.fixtures.connectproxy import ConnectProxy
