@@ -20,9 +20,7 @@ Why by hand rather than http.client (measured on 2 cores; see ``bench/datapath.p
 What it must do itself, because botocore no longer carries these bytes: proxies from the environment
 (``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``, urllib's parsing and bypass rules: a CONNECT tunnel for https,
 absolute-form requests for http), and checking which bytes came back (a ``200`` is the requested range only if
-``Content-Range`` says so, or if the range was the whole object).
-
-Presigning is cheap too: :mod:`agent.transfer.presign`.
+``Content-Range`` says so, or if the range was the whole object). Presigning: :mod:`agent.transfer.presign`.
 """
 
 from __future__ import annotations
