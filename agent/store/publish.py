@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -190,7 +191,10 @@ class Build:
 def record_replaced(cache: Cache, model_id: str, build: str, *, when: float | None = None) -> None:
     """Remember when a build stopped being live: its grace is counted from this moment."""
     with contextlib.suppress(CacheError):  # best effort: a lost record only starts the grace later (gc records it)
-        atomic_write(cache.state / "replaced" / f"{model_id}.{build}", f"{when or time.time():.3f}".encode())
+        # Rounded down to the millisecond: rounded to nearest, a record could lie up to 0.5 ms in the future, and a
+        # gc with no grace right after would keep the build.
+        stamp = math.floor((when or time.time()) * 1000) / 1000
+        atomic_write(cache.state / "replaced" / f"{model_id}.{build}", f"{stamp:.3f}".encode())
 
 
 def replaced_at(cache: Cache, model_id: str, build: str) -> float | None:
