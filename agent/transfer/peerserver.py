@@ -62,6 +62,9 @@ class PeerServer:
         self._index_at = -INDEX_TTL_SECONDS
         self._index_lock = asyncio.Lock()
         self._chunks: OrderedDict[str, list[bytes]] = OrderedDict()
+        #: Whether a live blob has a consistent chunk record, learnt once per index (state requests come every
+        #: ~150 ms from every waiting peer, for every file: they must not re-read the records each time).
+        self._offered: dict[str, bool] = {}
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -108,7 +111,7 @@ class PeerServer:
                 body["busy"] = encode_bits(bytes(entry.busy))
             return body
         live = await self._live(source)
-        if live is None or await self._live_chunks(live) is None:
+        if live is None or not await self._is_offered(live):
             return None
         return {"size": live.size, "chunk_size": layout.CHUNK_SIZE, "complete": True, "digest": live.digest}
 
@@ -144,6 +147,8 @@ class PeerServer:
                 if time.monotonic() - self._index_at >= INDEX_TTL_SECONDS:
                     self._index = await asyncio.to_thread(self._build_index)
                     self._index_at = time.monotonic()
+                    held = {f.digest for f in self._index.values()}
+                    self._offered = {d: ok for d, ok in self._offered.items() if d in held}
         return self._index.get(source)
 
     def _build_index(self) -> dict[str, _LiveFile]:
@@ -151,6 +156,12 @@ class PeerServer:
         for (bucket, key, etag, size), digest in self.cache.source_index().items():
             index[source_id(bucket, key, etag, size)] = _LiveFile(digest, size)
         return index
+
+    async def _is_offered(self, live: _LiveFile) -> bool:
+        offered = self._offered.get(live.digest)
+        if offered is None:
+            offered = self._offered[live.digest] = await self._live_chunks(live) is not None
+        return offered
 
     async def _live_chunks(self, live: _LiveFile) -> list[bytes] | None:
         cached = self._chunks.get(live.digest)
