@@ -8,7 +8,6 @@ threshold (``mallopt(M_MMAP_THRESHOLD)``) keeps buffers ≥ 1 MiB mmapped. Harml
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -17,11 +16,10 @@ _M_ARENA_MAX = -8
 
 def tune_malloc() -> bool:
     """Apply the settings; True if glibc accepted them."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        libc = ctypes.CDLL(name)
+        # The process's own symbols (libc among them): find_library("c") would run `ldconfig -p` in a child
+        # process, tens of ms of every CLI start.
+        libc = ctypes.CDLL(None)
         ok = libc.mallopt(_M_MMAP_THRESHOLD, 1024 * 1024) == 1
         libc.mallopt(_M_TRIM_THRESHOLD, 8 * 1024 * 1024)
         libc.mallopt(_M_ARENA_MAX, 2)

@@ -3,12 +3,14 @@
 
 Every ranged GET of every file of every model goes through one semaphore (``concurrency``), so a node never opens
 more connections than configured however many pods ask at once; files open at once are bounded too
-(``MAX_OPEN_FILES_PER_SLOT`` per GET slot). Parts are written with ``os.pwrite`` into a preallocated temp file from
-the worker thread that received them, and hashed there while the bytes are hot: parts are whole multiples of the
-digest's chunk size, so each part yields its own chunk digests and nothing is ever read back (the file digest is
-the xxh3-128 over the chunk digests, see :mod:`agent.store.layout`). Each finished part is appended, with its chunk
-digests and the boot id, to a ``.parts`` record (:mod:`agent.transfer.parts`). Memory is bounded: one buffer per GET in
-flight. Every chunk written is offered to peers at once (:mod:`agent.transfer.sourceboard`).
+(``MAX_OPEN_FILES_PER_SLOT`` per GET slot). Parts are written into a preallocated temp file from the worker thread
+that received them — ``O_DIRECT`` from a page-aligned buffer where the filesystem allows, so the bytes are not copied
+once more into the page cache (:class:`agent.transfer.parts.PartWriter`) — and hashed there while the bytes are hot
+in the buffer: parts are whole multiples of the digest's chunk size, so each part yields its own chunk digests
+and nothing is ever read back (the file digest is the xxh3-128 over the chunk digests, see
+:mod:`agent.store.layout`). Each finished part is appended, with its chunk digests and the boot id, to a ``.parts``
+record (:mod:`agent.transfer.parts`). Memory is bounded: one buffer per GET in flight. Every chunk written is
+offered to peers at once (:mod:`agent.transfer.sourceboard`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -31,6 +34,8 @@ from agent.store.manifest import ManifestFile, PlannedFile, source_id
 from agent.store.publish import Build, journal_append
 from agent.transfer.aiotools import in_thread
 from agent.transfer.parts import (
+    PartWriter,
+    aligned_buffer,
     append_record,
     create_preallocated,
     open_record,
@@ -54,6 +59,10 @@ BUFFER_SIZE = 4 * 1024 * 1024
 MAX_OPEN_FILES_PER_SLOT = 2
 #: A fetched model's files stay on the peer board this long after its fetch ends (> the peer index's refresh).
 BOARD_LINGER_SECONDS = 3.0
+
+#: Smaller single-GET files are written through the page cache: a direct write waits for the device, and for a
+#: few MiB the copy costs less than the wait.
+DIRECT_MIN_FILE_SIZE = 8 * 1024 * 1024
 
 ProgressFn = Callable[[int], None]
 
@@ -79,7 +88,7 @@ class Downloader:
         self.settings, self.cache, self.s3, self.swarm = settings, cache, s3, swarm
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._open_files = asyncio.Semaphore(settings.concurrency * MAX_OPEN_FILES_PER_SLOT)
-        self._buffers: list[bytearray] = []
+        self._buffers: list[mmap.mmap] = []
         self._on_bytes = on_bytes
         self.bytes_downloaded = 0  # from S3 and peers alike
         #: What this agent holds of the files it is fetching, for its peer server.
@@ -130,14 +139,16 @@ class Downloader:
             swarm = self.swarm
             order.sort(key=lambda i: not swarm.first_mine(src, parts[i][0] // layout.CHUNK_SIZE, 1, entry.chunks))
         fd = await asyncio.to_thread(os.open, tmp, os.O_RDWR)
+        writer = PartWriter(fd, tmp, direct=self.settings.direct_io)
         try:
             digests: dict[int, list[bytes]] = dict(finished)
             async with asyncio.TaskGroup() as tg:
                 for i in order:
                     if i not in finished:
-                        tg.create_task(self._fetch_part(job, f, fd, record, entry, i, parts[i], digests),
+                        tg.create_task(self._fetch_part(job, f, writer, record, entry, i, parts[i], digests),
                                        name=f"part {i} of {f.key}")
         finally:
+            writer.close()
             os.close(fd)
         entry_ = await self._adopt(job, f, tmp, [d for i in range(len(parts)) for d in digests[i]], entry)
         with contextlib.suppress(FileNotFoundError):
@@ -170,15 +181,14 @@ class Downloader:
 
         return on_progress
 
-    def _take_buffer(self, length: int) -> bytearray:
-        want = min(BUFFER_SIZE, max(length, 1))
-        buffer = self._buffers.pop() if self._buffers else bytearray(want)
-        return buffer if len(buffer) >= want else bytearray(want)
+    def _take_buffer(self) -> mmap.mmap:
+        return self._buffers.pop() if self._buffers else aligned_buffer(BUFFER_SIZE)
 
     @staticmethod
-    def _writer(fd: int, hasher: layout.ChunkedHasher, shared: SharedSource,
+    def _writer(writer: PartWriter, hasher: layout.ChunkedHasher, shared: SharedSource,
                 first_chunk: int) -> Callable[[int, memoryview], None]:
-        """Runs in the GET's worker thread: pwrite, then hash the same bytes while they are hot in cache.
+        """Runs in the GET's worker thread: write (direct where it can), then hash the same bytes while they are
+        hot in cache.
 
         The data plane hands over bytes in order (a retry resumes after the last byte handed over), and a range
         starts on a chunk boundary, so the range's chunk digests come out right whatever the retries. Each chunk
@@ -186,7 +196,7 @@ class Downloader:
         """
 
         def write(offset: int, view: memoryview) -> None:
-            pwrite_all(fd, view, offset)
+            writer.write(offset, view)
             before = len(hasher.digests)
             hasher.update(view)
             for k in range(before, len(hasher.digests)):
@@ -200,53 +210,57 @@ class Downloader:
             tmp.unlink(missing_ok=True)
 
         fd = await in_thread(create_preallocated, tmp, f.size, on_abandon=abandon)
+        writer = PartWriter(fd, tmp, direct=self.settings.direct_io and f.size >= DIRECT_MIN_FILE_SIZE)
         try:
-            return await self._fetch_range(job, f, fd, shared, 0, f.size) if f.size else []
+            return await self._fetch_range(job, f, writer, shared, 0, f.size) if f.size else []
         except BaseException:
             # One GET, no part record: a partial file here could never be resumed, so it goes now (a
             # multi-part download keeps its finished parts in tmp/ instead, for the next attempt).
             tmp.unlink(missing_ok=True)
             raise
         finally:
+            writer.close()
             os.close(fd)
 
-    async def _fetch_part(self, job: ModelJob, f: PlannedFile, fd: int, record: Path, shared: SharedSource,
-                          index: int, part: tuple[int, int], digests: dict[int, list[bytes]]) -> None:
-        chunks = await self._fetch_range(job, f, fd, shared, part[0], part[1])
+    async def _fetch_part(self, job: ModelJob, f: PlannedFile, writer: PartWriter, record: Path,
+                          shared: SharedSource, index: int, part: tuple[int, int],
+                          digests: dict[int, list[bytes]]) -> None:
+        chunks = await self._fetch_range(job, f, writer, shared, part[0], part[1])
         await in_thread(append_record, record, index, chunks)
         digests[index] = chunks
 
-    async def _fetch_range(self, job: ModelJob, f: PlannedFile, fd: int, shared: SharedSource, start: int,
-                           length: int) -> list[bytes]:
+    async def _fetch_range(self, job: ModelJob, f: PlannedFile, writer: PartWriter, shared: SharedSource,
+                           start: int, length: int) -> list[bytes]:
         """Bring ``[start, start+length)`` (chunk-aligned) to disk; its chunk digests. From S3, or, with peers,
         from whichever peer holds it (:mod:`agent.transfer.swarm`)."""
         swarm = self.swarm
         if swarm is None or not swarm.membership.peers():
-            return await self._from_s3(job, f, fd, shared, start, length)
+            return await self._from_s3(job, f, writer, shared, start, length)
         chunk = layout.CHUNK_SIZE
         on_peer = self._progress_fn(job.progress, "peer")
 
         async def s3_read(first: int, count: int) -> list[bytes]:
             a = first * chunk
-            return await self._from_s3(job, f, fd, shared, a, min(count * chunk, f.size - a))
+            return await self._from_s3(job, f, writer, shared, a, min(count * chunk, f.size - a))
 
         def peer_bytes(n: int) -> None:
             job.peer_bytes += n
             on_peer(n)
 
         return await swarm.fill(shared, start // chunk, -(-length // chunk), s3_read=s3_read,
-                                write=lambda offset, view: pwrite_all(fd, view, offset), on_peer_bytes=peer_bytes)
+                                write=lambda offset, view: pwrite_all(writer.fd, view, offset),
+                                on_peer_bytes=peer_bytes)
 
-    async def _from_s3(self, job: ModelJob, f: PlannedFile, fd: int, shared: SharedSource, start: int,
+    async def _from_s3(self, job: ModelJob, f: PlannedFile, writer: PartWriter, shared: SharedSource, start: int,
                        length: int) -> list[bytes]:
         hasher = layout.ChunkedHasher()
         first_chunk = start // layout.CHUNK_SIZE
         async with self._slots:
-            buffer = self._take_buffer(length)
+            buffer = self._take_buffer()
             try:
                 await self.s3.read_range(bucket=job.model.bucket, key=f.key, etag=f.etag, start=start,
                                          length=length, buffer=buffer,
-                                         write=self._writer(fd, hasher, shared, first_chunk),
+                                         write=self._writer(writer, hasher, shared, first_chunk),
                                          on_progress=self._progress_fn(job.progress))
             finally:
                 self._buffers.append(buffer)

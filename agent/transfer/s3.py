@@ -28,6 +28,7 @@ import asyncio
 import functools
 import http.client
 import logging
+import mmap
 import os
 import random
 import re
@@ -266,7 +267,7 @@ class S3Client:
         return ObjectInfo(key=key, size=int(resp["ContentLength"]), etag=normalize_etag(resp.get("ETag")))
 
     async def read_range(self, *, bucket: str, key: str, etag: str, start: int, length: int,
-                         buffer: bytearray, write: Callable[[int, memoryview], None],
+                         buffer: bytearray | mmap.mmap, write: Callable[[int, memoryview], None],
                          on_progress: Callable[[int], None] | None = None) -> None:
         """Read ``[start, start+length)`` of an object, handing full buffers to ``write(offset, view)``.
 

@@ -29,6 +29,7 @@ import base64
 import contextlib
 import errno
 import http.client
+import mmap
 import os
 import re
 import socket
@@ -93,7 +94,7 @@ class RangeJob:
     first: int
     last: int
     etag: str
-    buffer: bytearray
+    buffer: bytearray | mmap.mmap
     write: Callable[[int, memoryview], None]
     progressed: Callable[[int], None]
     what: str
