@@ -9,9 +9,11 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import NoReturn
 
 from agent.config import AgentSettings, add_arguments, load_settings
 from agent.errors import ConfigError, WeightcacheError
@@ -210,5 +212,18 @@ def _age(iso: str) -> str:
     return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
 
 
+def cli() -> NoReturn:
+    """The console script (and ``python -m agent``): :func:`main`, then out without tearing the interpreter down.
+
+    By then every file is closed and every task awaited; the module and thread clean-up of a normal exit only
+    added tens of ms to each ``prefetch`` (an initContainer's whole job) after its work was done.
+    """
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
