@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     q = args.quick
     plan = {
-        "datapath": [sys.executable, "-m", "bench.datapath", "--shape", "issue", "--shape", "mid",
+        "datapath": [sys.executable, "-m", "bench.datapath", "--shape", "issue", "--shape", "mid", "--shape", "small",
                      *(["--scale", "0.125", "--runs", "1"] if q else ["--runs", "3"])],
         "fetch": [sys.executable, "-m", "bench.fetch", "--size", "256MiB" if q else "2GiB", "--runs", "1" if q else "3"],
         "coldstart": [sys.executable, "bench/coldstart.py", "--size", "256MiB" if q else "2GiB",

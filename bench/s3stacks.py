@@ -5,7 +5,10 @@ data plane (:mod:`agent.transfer.s3data`: a lean HTTP/1.1 client over sockets). 
 the same server and the same work, so the choice is measured rather than argued:
 
 - ``plane``: today's ``agent.transfer.s3.S3Client`` — botocore lists, GETs are presigned with hmac (checked against botocore
-  once per bucket), ``read_range`` ``recv_into``s a 4 MiB buffer in a worker thread and ``pwrite``s it;
+  once per bucket), ``read_range`` ``recv_into``s a page-aligned 4 MiB buffer in a worker thread and writes it as the
+  agent does, with ``O_DIRECT`` (:class:`agent.transfer.parts.PartWriter`): with buffered ``pwrite`` from 8 threads
+  into one file its CPU went to the page-cache copy and the file's inode lock, which a single-threaded loop (aiobotocore)
+  never contends for;
 - ``aiobotocore``: ``get_object(Range=…)`` on the event loop, the body streamed with ``iter_chunks(1 MiB)`` and each
   chunk ``pwrite``n from the loop;
 - ``botocore+urllib3``: botocore's synchronous client in worker threads, ``get_object(Range=…)``, then urllib3's
@@ -22,8 +25,10 @@ start-up and imports included, as a ``prefetch`` pays them): list the prefix, th
 Server: ``rclone serve s3`` (``demo.s3server.EmbeddedS3``) on loopback with its data on tmpfs, over HTTP and over
 HTTPS. HTTPS uses rclone's own TLS (Go, on every core) with a self-signed certificate the clients trust through
 ``AWS_CA_BUNDLE``: a Python TLS front (``tests/fixtures/tlsfront.py``) would be the bottleneck measured here.
-Each round runs every stack once, in rotated order, the page cache dropped before every run (when root); the
-table gives medians of ``--runs`` rounds, after rclone has hashed every object for its ETag (untimed).
+Each round runs every stack once, in rotated order, the page cache dropped before every run (when root) after an
+un-timed write of the model's size (as in ``bench/datapath.py``: on this VM a writer right after another process's
+large free pays seconds of system time, and rotation alone keeps one stack always right after awscrt); the table
+gives medians of ``--runs`` rounds, after rclone has hashed every object for its ETag (untimed).
 
 Writes ``bench/results/s3stacks.md`` and ``s3stacks.json``. Usage:
 ``python -m bench.s3stacks [--runs 3] [--large-size 1GiB --large-count 2 --small-size 1MiB --small-count 40]
@@ -108,6 +113,7 @@ def child_plane(a: argparse.Namespace) -> dict[str, float]:
     import asyncio
 
     from agent.config import load_settings
+    from agent.transfer.parts import PartWriter, aligned_buffer
     from agent.transfer.s3 import S3Client
 
     async def main() -> dict[str, float]:
@@ -116,20 +122,22 @@ def child_plane(a: argparse.Namespace) -> dict[str, float]:
             t_ready = time.perf_counter()
             objects = [(o.key, o.size, o.etag) for o in await s3.list_objects(a.bucket, a.prefix)]
             files = Files(a.dest, a.prefix, objects)
-            buffers = [bytearray(BUFFER) for _ in range(a.concurrency)]
+            writers = {key: PartWriter(fd, a.dest / key[len(a.prefix):], direct=True) for key, fd in files.fds.items()}
+            buffers = [aligned_buffer(BUFFER) for _ in range(a.concurrency)]
             slots = asyncio.Semaphore(a.concurrency)
 
             async def get(p: Part) -> None:
                 async with slots:
                     buffer = buffers.pop()
-                    fd = files.fds[p.key]
                     try:
                         await s3.read_range(bucket=a.bucket, key=p.key, etag=p.etag, start=p.start, length=p.length,
-                                            buffer=buffer, write=lambda off, view: pwrite_all(fd, view, off))
+                                            buffer=buffer, write=writers[p.key].write)
                     finally:
                         buffers.append(buffer)
 
             await asyncio.gather(*(get(p) for p in plan_parts(objects, a.part_size) if p.length))
+            for writer in writers.values():
+                writer.close()
             files.close()
         return {"ready": t_ready - _T0, "bytes": float(sum(o[1] for o in objects))}
 
@@ -407,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(a)
 
     from bench.common import drop_caches, machine_note, median, write_results
+    from bench.datapath import settle
     from demo.s3server import EmbeddedS3
 
     stacks = tuple(s for s in STACKS if not a.only or s in a.only)
@@ -435,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
                     for stack in rotated(stacks, run):
                         shutil.rmtree(dest, ignore_errors=True)
                         dest.mkdir(parents=True)
+                        # Rotation keeps the cyclic order, so one stack always ran right after awscrt (1.2 GB
+                        # freed): the settling write makes every stack meet the page cache alike (bench/datapath.py).
+                        settle(dest, total)
                         dropped = drop_caches() and dropped
                         s = run_child(stack, env, dest, a)
                         verify(data_dir / BUCKET / PREFIX.rstrip("/"), dest, sizes)
