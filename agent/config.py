@@ -55,9 +55,10 @@ class AgentSettings:
                            "flush published models to disk in the background and mark them durable "
                            "(unflushed ones are re-verified after a reboot)",
                            "--fsync")
-    direct_io: bool = _setting(True, "WEIGHTCACHE_DIRECT_IO",
+    direct_io: bool = _setting(False, "WEIGHTCACHE_DIRECT_IO",
                                "write downloaded weights with O_DIRECT, past the page cache, where the filesystem "
-                               "allows (one copy fewer per byte; falls back to buffered writes)",
+                               "allows: less CPU per byte, but the loader then reads the model from disk "
+                               "(for CPU-starved nodes and speculative warm sets)",
                                "--direct-io")
     connect_timeout: float = _setting(5.0, "WEIGHTCACHE_CONNECT_TIMEOUT",
                                       "seconds to open a connection to S3", "--connect-timeout")

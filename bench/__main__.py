@@ -18,14 +18,15 @@ REPO = Path(__file__).resolve().parent.parent
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", choices=["datapath", "fetch", "coldstart", "scaleup", "footprint", "soak",
-                                                 "s3stacks"],
+    parser.add_argument("--only", choices=["datapath", "directio", "fetch", "coldstart", "scaleup", "footprint",
+                                           "soak", "s3stacks"],
                         action="append")
     args = parser.parse_args(argv)
     q = args.quick
     plan = {
         "datapath": [sys.executable, "-m", "bench.datapath", "--shape", "issue", "--shape", "mid", "--shape", "small",
                      *(["--scale", "0.125", "--runs", "1"] if q else ["--runs", "3"])],
+        "directio": [sys.executable, "-m", "bench.directio", *(["--scale", "0.125", "--rounds", "1"] if q else [])],
         "fetch": [sys.executable, "-m", "bench.fetch", "--size", "256MiB" if q else "2GiB", "--runs", "1" if q else "3"],
         "coldstart": [sys.executable, "bench/coldstart.py", "--size", "256MiB" if q else "2GiB",
                       "--runs", "1" if q else "3"],

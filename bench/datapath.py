@@ -9,13 +9,19 @@ its ETag on first sight):
   launcher, which adds ~0.1 s);
 - ``weightcache-agent prefetch`` with default settings (Python start-up, listing, download, chunked xxh3-128
   verification and atomic publish included);
+- the same with ``WEIGHTCACHE_DIRECT_IO=true`` (writes past the page cache: less CPU, and immune to this VM's
+  cost of touching freshly freed memory — see below — but the loader then reads the model from disk);
 - the daemon's fetch path: a long-lived agent process (S3 client ready) timed from ``ensure()`` to published.
 
 Before every measured run an un-timed writer writes and deletes as many bytes as the model on the destination disk
 (``--no-settle`` skips it). On this VM the first writer to touch the page-cache pages that s5cmd's writes left
 behind pays for them again (host page faults: a Python writer right after s5cmd spent 3–6 s of system time on 2 GiB,
 right after another writer 0.5 s; s5cmd itself spends ~2 s either way), so without it whichever Python tool ran
-after s5cmd lost seconds to s5cmd's leftovers. With it every tool starts from the same state.
+after s5cmd lost seconds to s5cmd's leftovers. With it every tool starts from the same state — nearly: this VM
+hands memory freed in the guest back to its host about 2 s later (virtio-balloon free page reporting), and a page
+cache writer that starts writing after that pays a host fault per page it fills. A tool that starts writing within
+milliseconds of the settle (s5cmd, the daemon) pays less of it than one that first spends 0.5 s starting Python, and
+``O_DIRECT`` writes pay none of it.
 
 Measured per run: wall seconds, CPU seconds (user + sys of that process, from ``wait4``/``getrusage``) and peak
 RSS. Shapes: ``issue`` (2 × 1 GiB + 40 × 1 MiB), ``mid`` (150 × 12 MiB), ``small`` (2,000 × 64 KiB);
@@ -47,7 +53,8 @@ SHAPES: dict[str, list[tuple[int, int]]] = {  # (count, size) groups
     "mid": [(150, 12 * MiB)],
     "small": [(2000, 64 * 1024)],
 }
-S5CMD, PREFETCH, DAEMON = "s5cmd cp", "weightcache prefetch", "weightcache daemon fetch"
+S5CMD, PREFETCH, PREFETCH_DIRECT, DAEMON = ("s5cmd cp", "weightcache prefetch", "weightcache prefetch, direct I/O",
+                                           "weightcache daemon fetch")
 
 #: The daemon's fetch path, in a process of its own: S3 client and Fetcher made first, then each "go" on stdin
 #: times one ensure() of a fresh cache and answers with JSON (wall, CPU of the fetch, peak RSS).
@@ -175,11 +182,13 @@ def bench_one(s3: EmbeddedS3, shape: str, nbytes: int, runs: int, dest: Path, *,
         S5CMD: [s5cmd, *tls_flag, "--endpoint-url", s3.endpoint_url, "cp", f"s3://{BUCKET}/{shape}/*",
                 str(dest / "s5cmd") + "/"],
         PREFETCH: [sys.executable, "-m", "agent", "prefetch", uri, "--cache-dir", str(dest / "wc")],
+        PREFETCH_DIRECT: [sys.executable, "-m", "agent", "prefetch", uri, "--cache-dir", str(dest / "wc")],
     }
+    envs = {PREFETCH_DIRECT: {**env, "WEIGHTCACHE_DIRECT_IO": "true"}}
     daemon = DaemonPath(uri, dest / "daemon", env)
-    samples: dict[str, list[Sample]] = {S5CMD: [], PREFETCH: [], DAEMON: []}
+    samples: dict[str, list[Sample]] = {S5CMD: [], PREFETCH: [], PREFETCH_DIRECT: [], DAEMON: []}
     try:
-        tools = (S5CMD, PREFETCH, DAEMON)
+        tools = (S5CMD, PREFETCH, PREFETCH_DIRECT, DAEMON)
         for run in range(runs + 1):  # run 0: warm-up (rclone hashes each object on first sight), discarded
             # The order rotates every round: on this VM a Python writer run right after s5cmd paid 3–6 s more
             # system time writing the same 2 GiB than when run right after itself, so no tool may keep one place.
@@ -190,7 +199,7 @@ def bench_one(s3: EmbeddedS3, shape: str, nbytes: int, runs: int, dest: Path, *,
                     settle(dest, nbytes)
                 else:
                     drop_caches()
-                sample = daemon.fetch() if tool == DAEMON else run_cli(cmds[tool], env)
+                sample = daemon.fetch() if tool == DAEMON else run_cli(cmds[tool], envs.get(tool, env))
                 if run:
                     samples[tool].append(sample)
                 print(f"  {shape} {'https' if s3.tls else 'http'} run {run}: {tool}: {sample.wall:.2f} s, "

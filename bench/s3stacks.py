@@ -5,10 +5,7 @@ data plane (:mod:`agent.transfer.s3data`: a lean HTTP/1.1 client over sockets). 
 the same server and the same work, so the choice is measured rather than argued:
 
 - ``plane``: today's ``agent.transfer.s3.S3Client`` — botocore lists, GETs are presigned with hmac (checked against botocore
-  once per bucket), ``read_range`` ``recv_into``s a page-aligned 4 MiB buffer in a worker thread and writes it as the
-  agent does, with ``O_DIRECT`` (:class:`agent.transfer.parts.PartWriter`): with buffered ``pwrite`` from 8 threads
-  into one file its CPU went to the page-cache copy and the file's inode lock, which a single-threaded loop (aiobotocore)
-  never contends for;
+  once per bucket), ``read_range`` ``recv_into``s a 4 MiB buffer in a worker thread and ``pwrite``s it;
 - ``aiobotocore``: ``get_object(Range=…)`` on the event loop, the body streamed with ``iter_chunks(1 MiB)`` and each
   chunk ``pwrite``n from the loop;
 - ``botocore+urllib3``: botocore's synchronous client in worker threads, ``get_object(Range=…)``, then urllib3's
@@ -113,7 +110,6 @@ def child_plane(a: argparse.Namespace) -> dict[str, float]:
     import asyncio
 
     from agent.config import load_settings
-    from agent.transfer.parts import PartWriter, aligned_buffer
     from agent.transfer.s3 import S3Client
 
     async def main() -> dict[str, float]:
@@ -122,22 +118,20 @@ def child_plane(a: argparse.Namespace) -> dict[str, float]:
             t_ready = time.perf_counter()
             objects = [(o.key, o.size, o.etag) for o in await s3.list_objects(a.bucket, a.prefix)]
             files = Files(a.dest, a.prefix, objects)
-            writers = {key: PartWriter(fd, a.dest / key[len(a.prefix):], direct=True) for key, fd in files.fds.items()}
-            buffers = [aligned_buffer(BUFFER) for _ in range(a.concurrency)]
+            buffers = [bytearray(BUFFER) for _ in range(a.concurrency)]
             slots = asyncio.Semaphore(a.concurrency)
 
             async def get(p: Part) -> None:
                 async with slots:
                     buffer = buffers.pop()
+                    fd = files.fds[p.key]
                     try:
                         await s3.read_range(bucket=a.bucket, key=p.key, etag=p.etag, start=p.start, length=p.length,
-                                            buffer=buffer, write=writers[p.key].write)
+                                            buffer=buffer, write=lambda off, view: pwrite_all(fd, view, off))
                     finally:
                         buffers.append(buffer)
 
             await asyncio.gather(*(get(p) for p in plan_parts(objects, a.part_size) if p.length))
-            for writer in writers.values():
-                writer.close()
             files.close()
         return {"ready": t_ready - _T0, "bytes": float(sum(o[1] for o in objects))}
 

@@ -4,10 +4,10 @@
 Every ranged GET of every file of every model goes through one semaphore (``concurrency``), so a node never opens
 more connections than configured however many pods ask at once; files open at once are bounded too
 (``MAX_OPEN_FILES_PER_SLOT`` per GET slot). Parts are written into a preallocated temp file from the worker thread
-that received them — ``O_DIRECT`` from a page-aligned buffer where the filesystem allows, so the bytes are not copied
-once more into the page cache (:class:`agent.transfer.parts.PartWriter`) — and hashed there while the bytes are hot
-in the buffer: parts are whole multiples of the digest's chunk size, so each part yields its own chunk digests
-and nothing is ever read back (the file digest is the xxh3-128 over the chunk digests, see
+that received them — through the page cache, where the loader finds them next, or with ``WEIGHTCACHE_DIRECT_IO``
+``O_DIRECT`` from the page-aligned buffer (:class:`agent.transfer.parts.PartWriter`) — and hashed there while the
+bytes are hot in the buffer: parts are whole multiples of the digest's chunk size, so each part yields its own
+chunk digests and nothing is ever read back (the file digest is the xxh3-128 over the chunk digests, see
 :mod:`agent.store.layout`). Each finished part is appended, with its chunk digests and the boot id, to a ``.parts``
 record (:mod:`agent.transfer.parts`). Memory is bounded: one buffer per GET in flight. Every chunk written is
 offered to peers at once (:mod:`agent.transfer.sourceboard`).

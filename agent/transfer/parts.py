@@ -60,10 +60,11 @@ def aligned_buffer(size: int) -> mmap.mmap:
 
 
 class PartWriter:
-    """Writes a download's received bytes, bypassing the page cache (``O_DIRECT``) where it can.
+    """Writes a download's received bytes: through the page cache, or past it (``O_DIRECT``) where it can.
 
-    Why: a buffered write copies every byte once more into the page cache, and under several writers the
-    inode lock spins; a direct write hands the receive buffer to the device. Only whole aligned blocks go
+    Page cache (the default): the loader that follows finds the model in memory. ``O_DIRECT``
+    (``WEIGHTCACHE_DIRECT_IO``): the receive buffer goes to the device — no second copy, no contention on the
+    file's inode lock among the GET threads — but the bytes are then on disk only. Only whole aligned blocks go
     direct — the file's unaligned tail, a partial buffer kept after a broken connection, a buffer not from
     :func:`aligned_buffer`, or a filesystem that refuses ``O_DIRECT`` (tmpfs on older kernels, some FUSE)
     all take the plain fd. Ranges never share a block (parts start on digest-chunk boundaries), so the two

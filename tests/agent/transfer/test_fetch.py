@@ -335,8 +335,9 @@ async def test_an_object_that_keeps_changing_fails_as_object_changed_and_publish
 # ----- transient and permanent faults ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("direct_io", [False, True], ids=["page-cache", "o-direct"])
 async def test_transient_faults_are_survived_and_the_result_is_byte_identical(
-        s3_server: S3Server, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        s3_server: S3Server, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct_io: bool) -> None:
     files = {f"m/shard-{i}.bin": os.urandom(2 * MiB + i) for i in range(8)} | {"m/config.json": b"{}"}
     put_all(s3_server, bucket, files)
     # Presigned GETs carry a fresh signature in their path, so the schedule differs run to run: fetch again into a
@@ -344,7 +345,8 @@ async def test_transient_faults_are_survived_and_the_result_is_byte_identical(
     with FaultProxy(s3_server, FaultPlan()) as proxy:  # 5% 503, 2% resets, 2% truncated bodies
         use_endpoint(monkeypatch, s3_server, proxy.url)
         for round_ in range(5):
-            result = await fetch(make_settings(tmp_path / f"root{round_}", concurrency=4), f"s3://{bucket}/m/")
+            settings = make_settings(tmp_path / f"root{round_}", concurrency=4, direct_io=direct_io)
+            result = await fetch(settings, f"s3://{bucket}/m/")
             assert read_tree(result.path) == {k[2:]: v for k, v in files.items()}
             if proxy.faults_injected:
                 break
@@ -416,8 +418,9 @@ def finished_parts(root: Path) -> tuple[int, int]:
     return count, nbytes
 
 
+@pytest.mark.parametrize("direct_io", ["false", "true"], ids=["page-cache", "o-direct"])
 def test_a_download_killed_mid_way_resumes_and_fetches_only_what_was_unfinished(
-        rclone_s3: S3Server, rclone_bucket: str, tmp_path: Path) -> None:
+        rclone_s3: S3Server, rclone_bucket: str, tmp_path: Path, direct_io: str) -> None:
     files = {f"m/shard-{i}.bin": os.urandom(24 * MiB) for i in range(3)}
     put_all(rclone_s3, rclone_bucket, files)
     total = sum(map(len, files.values()))
@@ -428,7 +431,7 @@ def test_a_download_killed_mid_way_resumes_and_fetches_only_what_was_unfinished(
             "--retry-base-delay", "0.01")
     # Some parts stall for a while, so the process is surely killed with parts finished and parts in flight.
     with FaultProxy(rclone_s3, FaultPlan(rates={"stall": 0.3}, stall_seconds=3.0)) as proxy:
-        env = agent_env(rclone_s3, endpoint_url=proxy.url)
+        env = agent_env(rclone_s3, endpoint_url=proxy.url, WEIGHTCACHE_DIRECT_IO=direct_io)
         proc = subprocess.Popen(agent_cmd(*args), env=env, cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         try:
@@ -449,7 +452,7 @@ def test_a_download_killed_mid_way_resumes_and_fetches_only_what_was_unfinished(
     # A fresh proxy counts the second run: the first one may still be answering the killed process's requests
     # (it notices the dead connections only when its loop next runs) and counting their chunks.
     with FaultProxy(rclone_s3, FaultPlan.none()) as proxy:
-        env = agent_env(rclone_s3, endpoint_url=proxy.url)
+        env = agent_env(rclone_s3, endpoint_url=proxy.url, WEIGHTCACHE_DIRECT_IO=direct_io)
         done = subprocess.run(agent_cmd(*args), check=False, env=env, cwd=REPO, capture_output=True,
                               text=True, timeout=120)
         refetched = proxy.body_bytes_forwarded
