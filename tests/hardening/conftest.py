@@ -6,14 +6,13 @@ and a work directory. Tests marked ``soak`` (the long versions) are skipped unle
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures.faultproxy import FaultPlan, FaultProxy
-from tests.fixtures.s3servers import S3Server
+from tests.fixtures.s3servers import S3Server, fresh_bucket
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -25,32 +24,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def _fresh_bucket(server: S3Server) -> Iterator[str]:
-    name = f"wc-h-{uuid.uuid4().hex[:12]}"
-    server.create_bucket(name)
-    try:
-        yield name
-    finally:
-        try:
-            server.delete_bucket(name)
-        except Exception:  # noqa: BLE001, S110 - teardown must not mask the test's own failure
-            pass
-
-
 @pytest.fixture
 def rclone_bucket(rclone_s3: S3Server) -> Iterator[str]:
-    yield from _fresh_bucket(rclone_s3)
+    yield from fresh_bucket(rclone_s3)
 
 
 @pytest.fixture
 def rclone_bucket_b(rclone_s3: S3Server) -> Iterator[str]:
     """A second fresh bucket (another tenant's)."""
-    yield from _fresh_bucket(rclone_s3)
+    yield from fresh_bucket(rclone_s3)
 
 
 @pytest.fixture
 def moto_bucket(moto_s3: S3Server) -> Iterator[str]:
-    yield from _fresh_bucket(moto_s3)
+    yield from fresh_bucket(moto_s3)
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ from tests.agent.commit_worker import (
     run_op,
 )
 from tests.agent.conftest import REPO, agent_env, digest_of, put_all, read_tree, run_agent
-from tests.fixtures.s3servers import S3Server
+from tests.fixtures.s3servers import S3Server, fresh_bucket
 
 MiB = 1024 * 1024
 FAILPOINTS = ("sealed-manifest", "renamed-build", "before-swap", "after-swap")
@@ -845,12 +845,7 @@ def test_a_publishing_process_killed_at_random_moments_never_leaves_the_model_un
 @pytest.fixture
 def moto_bucket(moto_s3: S3Server) -> Iterator[str]:
     """A fresh bucket on moto: it stores a key ``x`` beside keys under ``x/`` (a directory-backed server cannot)."""
-    name = f"wc-{uuid.uuid4().hex[:16]}"
-    moto_s3.create_bucket(name)
-    try:
-        yield name
-    finally:
-        moto_s3.delete_bucket(name)
+    yield from fresh_bucket(moto_s3)
 
 
 def cli_env(server: S3Server, root: Path, **extra: str) -> dict[str, str]:

@@ -41,7 +41,7 @@ from tests.agent.conftest import (
     walk_all,
 )
 from tests.fixtures.faultproxy import FaultPlan, FaultProxy
-from tests.fixtures.s3servers import S3Server
+from tests.fixtures.s3servers import S3Server, fresh_bucket
 
 #: One model that exercises the edges: nesting, empty and one-byte files, exactly one part and one part + 1 byte
 #: (with 1 MiB parts), a file of several parts, unicode and spaces in names.
@@ -388,12 +388,7 @@ async def test_a_server_that_stalls_forever_fails_after_the_read_timeout_retries
 
 @pytest.fixture
 def rclone_bucket(rclone_s3: S3Server) -> Iterator[str]:
-    name = f"wc-{uuid.uuid4().hex[:16]}"
-    rclone_s3.create_bucket(name)
-    try:
-        yield name
-    finally:
-        rclone_s3.delete_bucket(name)
+    yield from fresh_bucket(rclone_s3)
 
 
 def finished_parts(root: Path) -> tuple[int, int]:
