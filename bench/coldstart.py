@@ -17,8 +17,15 @@ measures a fresh process:
 - ``safetensors load_file`` and ``torch.load(mmap=True)`` (both lazy on CPU, so followed by touching every page), and
   ``runai-model-streamer`` (``SafetensorsStreamer``) on the same weights.
 
-Writes ``bench/results/coldstart.md`` (table, medians, ratios vs the floor) and ``bench/results/coldstart.json``.
-Usage: ``python bench/coldstart.py --size 2GiB --runs 3``.
+With ``--device cuda`` (a GPU node) the weights go to the GPU: the floor adds creating the CUDA context, the
+server and its loader take the pipelined strategy (several files read at once into pinned buffers, copied to the
+GPU on several streams), ``weightcache pipelined, one thread`` is the same loader one chunk at a time (what it was
+before), and the peer is ``safetensors load_file(device="cuda")``; the CPU-only peers are left out.
+
+Writes ``bench/results/coldstart.md`` (table, medians, ratios vs the floor) and ``bench/results/coldstart.json``
+(``coldstart-cuda.*`` with ``--device cuda``).
+Usage: ``python bench/coldstart.py --size 2GiB --runs 3``; on a GPU node
+``python bench/coldstart.py --device cuda --dtype bfloat16 --size 16GiB --runs 2``.
 """
 
 from __future__ import annotations
@@ -43,24 +50,55 @@ sys.path.insert(0, str(REPO))
 
 from common.units import parse_size
 from demo.s3server import EmbeddedS3
-from server.demo_model import shape_for_size, write_demo_model
+from server.demo_model import DemoShape, shape_for_size, write_demo_model
 
 PY = sys.executable
 FALLBACK = "weightcache-server, fallback fetch"
+ONE_THREAD = "weightcache pipelined, one thread"
+CUDA_PEER = "safetensors load_file(device=cuda)"
 URI = "s3://bench/demo/"
 MODEL_ID, REVISION = "benchdemo", "rev1"
 
 # Each peer runs in a fresh interpreter and prints {"load_s": seconds spent loading, after imports}.
+# BENCH_DEVICE names the device; on cuda each first creates the context (outside load_s) and synchronises at the end.
+_DEVICE = """
+import os, torch
+device = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
+if device.type == "cuda":
+    torch.empty(1, device=device)
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+"""
 PEERS: dict[str, str] = {
-    "weightcache load_model": """
+    "weightcache load_model": _DEVICE + """
 import json, sys, time
 from pathlib import Path
-from typing import Any
-import torch
 from server.loading import load_model
 t = time.perf_counter()
-m = load_model(Path(sys.argv[1]), root=Path(sys.argv[2]), device=torch.device("cpu"))
+m = load_model(Path(sys.argv[1]), root=Path(sys.argv[2]), device=device)
+sync()
 print(json.dumps({"load_s": time.perf_counter() - t, "tensors": len(m.state_dict)}))
+""",
+    ONE_THREAD: _DEVICE + """
+import json, sys, time
+from pathlib import Path
+from server.formats import discover
+from server.loading import PipelinedStrategy
+t = time.perf_counter()
+state = PipelinedStrategy(workers=1).load(discover(Path(sys.argv[1])), device)
+sync()
+print(json.dumps({"load_s": time.perf_counter() - t, "tensors": len(state)}))
+""",
+    CUDA_PEER: _DEVICE + """
+import json, sys, time
+from safetensors.torch import load_file
+t = time.perf_counter()
+state = {}
+for f in sys.argv[3:]:
+    state.update(load_file(f, device=str(device)))
+sync()
+print(json.dumps({"load_s": time.perf_counter() - t, "tensors": len(state)}))
 """,
     "safetensors load_file + touch": """
 import json, sys, time
@@ -102,6 +140,11 @@ print(json.dumps({"load_s": time.perf_counter() - t, "tensors": len(state)}))
 }
 
 
+def pythonpath() -> str:
+    """The repo first, then whatever the caller's PYTHONPATH held (a GPU image's extra packages, say)."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+
 def drop_caches() -> bool:
     subprocess.run(["sync"], check=True)
     try:
@@ -117,7 +160,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def build(root: Path, size: int) -> tuple[list[Path], Path]:
+def build(root: Path, size: int, dtype: str, *, torch_file: bool) -> tuple[list[Path], Path]:
     """The demo model in a node-cache layout, plus the same weights as a torch.save file."""
     from agent.store.cache import Cache
     from agent.store.layout import hash_file
@@ -130,7 +173,8 @@ def build(root: Path, size: int) -> tuple[list[Path], Path]:
     cache.ensure_layout()
     uri = parse_model_uri(URI)
     staged = root / "staged"
-    shape = shape_for_size(size)
+    shape = shape_for_size(size, itemsize=4 if dtype == "float32" else 2)
+    shape = DemoShape(shape.input_dim, shape.hidden_size, shape.num_layers, shape.output_dim, dtype)
     started = time.perf_counter()
     write_demo_model(staged, shape)
     b = Build(cache, uri.model_id, REVISION)
@@ -147,29 +191,32 @@ def build(root: Path, size: int) -> tuple[list[Path], Path]:
     weights = sorted(data.glob("*.safetensors"))
     # The same tensors for torch.load; built in a subprocess so this process never holds them.
     pt = root / "model.pt"
-    subprocess.run([PY, "-c", (
+    if torch_file:
+        subprocess.run([PY, "-c", (
         "import sys, torch\nfrom safetensors.torch import load_file\nstate = {}\n"
         "for f in sys.argv[2:]: state.update(load_file(f))\ntorch.save(state, sys.argv[1])"
-    ), str(pt), *map(str, weights)], check=True)
+        ), str(pt), *map(str, weights)], check=True)
     print(f"built {sum(f.size for f in files) / 2**30:.2f} GiB model in {time.perf_counter() - started:.1f} s "
           f"(hidden {shape.hidden_size}, {shape.num_layers} layers, {len(weights)} shards)", file=sys.stderr)
     return weights, pt
 
 
-def run_floor(weights: list[Path]) -> dict[str, float]:
+def run_floor(weights: list[Path], device: str) -> dict[str, float]:
+    code = "import torch" + ("; torch.empty(1, device='cuda')" if device == "cuda" else "")
     t0 = time.perf_counter()
-    subprocess.run([PY, "-c", "import torch"], check=True)
+    subprocess.run([PY, "-c", code], check=True)
     t1 = time.perf_counter()
     subprocess.run(["cat", *map(str, weights)], stdout=subprocess.DEVNULL, check=True)
     t2 = time.perf_counter()
     return {"wall_s": t2 - t0, "import_s": t1 - t0, "load_s": t2 - t1}
 
 
-def run_server(root: Path, timeout: float, *, extra_env: dict[str, str] | None = None) -> dict[str, float]:
+def run_server(root: Path, timeout: float, device: str, *,
+               extra_env: dict[str, str] | None = None) -> dict[str, float]:
     port = free_port()
     env = {**os.environ, "WEIGHTCACHE_MODEL": URI, "WEIGHTCACHE_ROOT": str(root), "WEIGHTCACHE_PORT": str(port),
-           "WEIGHTCACHE_HOST": "127.0.0.1", "WEIGHTCACHE_DEVICE": "cpu", "WEIGHTCACHE_LOG_LEVEL": "WARNING",
-           "PYTHONPATH": str(REPO), **(extra_env or {})}
+           "WEIGHTCACHE_HOST": "127.0.0.1", "WEIGHTCACHE_DEVICE": device, "WEIGHTCACHE_LOG_LEVEL": "WARNING",
+           "PYTHONPATH": pythonpath(), **(extra_env or {})}
     t0 = time.perf_counter()
     proc = subprocess.Popen([PY, "-m", "server"], env=env, cwd=REPO)
     try:
@@ -192,24 +239,24 @@ def run_server(root: Path, timeout: float, *, extra_env: dict[str, str] | None =
         proc.wait(30)
 
 
-def run_fallback(snapshot: Path, s3_env: dict[str, str], timeout: float) -> dict[str, float]:
+def run_fallback(snapshot: Path, s3_env: dict[str, str], timeout: float, device: str) -> dict[str, float]:
     """The server with no agent: an empty cache root, the fallback fetch from S3 into a fresh directory."""
     scratch = Path(tempfile.mkdtemp(prefix="wc-coldstart-fallback-", dir="/var/tmp"))
     try:
         (scratch / "empty-root").mkdir()
-        return run_server(scratch / "empty-root", timeout, extra_env={
+        return run_server(scratch / "empty-root", timeout, device, extra_env={
             **s3_env, "WEIGHTCACHE_FALLBACK": "fetch", "WEIGHTCACHE_FALLBACK_GRACE_SECONDS": "0",
             "WEIGHTCACHE_FALLBACK_DIR": str(scratch / "fallback")})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run_peer(name: str, root: Path, weights: list[Path], pt: Path) -> dict[str, float]:
+def run_peer(name: str, root: Path, weights: list[Path], pt: Path, device: str) -> dict[str, float]:
     args = [PY, "-c", PEERS[name], str(root / "models/s3/bench/demo"), str(root)]
     args += [str(pt)] if name.startswith("torch.load") else list(map(str, weights))
     t0 = time.perf_counter()
     out = subprocess.run(args, check=True, capture_output=True, text=True, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+                         env={**os.environ, "PYTHONPATH": pythonpath(), "BENCH_DEVICE": device})
     wall = time.perf_counter() - t0
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return {"wall_s": wall, **{k: v for k, v in result.items() if k.endswith("_s")}}
@@ -222,6 +269,8 @@ def median(values: list[float]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="2GiB")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the weights go")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None, help="where to build the model (default: a tmp dir)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -233,9 +282,12 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="wc-coldstart-", dir=args.workdir))
     s3: EmbeddedS3 | None = None
     try:
-        weights, pt = build(workdir, size)
-        methods = ["floor", "weightcache-server", FALLBACK, *PEERS]
+        if args.device == "cuda":
+            methods = ["floor", "weightcache-server", "weightcache load_model", ONE_THREAD, CUDA_PEER, FALLBACK]
+        else:
+            methods = ["floor", "weightcache-server", FALLBACK, *(p for p in PEERS if p not in (ONE_THREAD, CUDA_PEER))]
         methods = [m for m in methods if m not in args.skip]
+        weights, pt = build(workdir, size, args.dtype, torch_file=any(m.startswith("torch.load") for m in methods))
         if FALLBACK in methods:
             # The same files as objects under s3://bench/demo/, written before rclone starts (it caches listings).
             s3 = EmbeddedS3()
@@ -250,14 +302,14 @@ def main() -> int:
             for method in methods:
                 dropped &= drop_caches()
                 if method == "floor":
-                    sample = run_floor(weights)
+                    sample = run_floor(weights, args.device)
                 elif method == "weightcache-server":
-                    sample = run_server(workdir, args.timeout)
+                    sample = run_server(workdir, args.timeout, args.device)
                 elif method == FALLBACK:
                     assert s3 is not None
-                    sample = run_fallback(workdir, s3.env(), args.timeout)
+                    sample = run_fallback(workdir, s3.env(), args.timeout, args.device)
                 else:
-                    sample = run_peer(method, workdir, weights, pt)
+                    sample = run_peer(method, workdir, weights, pt, args.device)
                 samples[method].append(sample)
                 print(f"run {run + 1}/{args.runs} {method}: " + ", ".join(f"{k} {v:.2f}" for k, v in sample.items()),
                       file=sys.stderr)
@@ -267,33 +319,46 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     summary = {m: {k: median([s[k] for s in ss if k in s]) for k in ss[0]} for m, ss in samples.items() if ss}
-    write_results(args.out, args.size, size, args.runs, dropped, summary, samples)
+    write_results(args.out, args.size, size, args.runs, dropped, summary, samples, device=args.device,
+                  dtype=args.dtype)
     return 0
 
 
 def write_results(out: Path, size_text: str, size: int, runs: int, dropped: bool, summary: dict[str, dict[str, float]],
-                  samples: dict[str, list[dict[str, float]]]) -> None:
+                  samples: dict[str, list[dict[str, float]]], *, device: str, dtype: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     floor = summary.get("floor", {})
     floor_wall, floor_load = floor.get("wall_s", float("nan")), floor.get("load_s", float("nan"))
-    peers = [m for m in summary if m not in ("floor", "weightcache-server", "weightcache load_model", FALLBACK)]
+    peers = [m for m in summary
+             if m not in ("floor", "weightcache-server", "weightcache load_model", FALLBACK, ONE_THREAD)]
     fastest_peer = min((summary[m]["load_s"] for m in peers), default=float("nan"))
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    if device == "cuda":
+        machine += f", GPU {gpu_name()}"
+    cuda = device == "cuda"
+    flags = (f" --device cuda --dtype {dtype}" if cuda else (f" --dtype {dtype}" if dtype != "float16" else ""))
     lines = [
-        "# Cold start: process start → ready",
+        "# Cold start: process start → ready" + (" on a GPU" if cuda else ""),
         "",
-        (f"Model: demo MLP, {size / 2**30:.2f} GiB float16 safetensors in 512 MiB shards, node-cache layout. "
+        (f"Model: demo MLP, {size / 2**30:.2f} GiB {dtype} safetensors in 512 MiB shards, node-cache layout, "
+        f"weights loaded onto {'the GPU' if cuda else 'the CPU'}. "
         f"Median of {runs} run(s); page cache {'dropped' if dropped else 'NOT dropped (not root?)'} before each "
-        f"measurement. Machine: {machine}. Command: `python bench/coldstart.py --size {size_text} --runs {runs}`."),
+        f"measurement. Machine: {machine}. Command: `python bench/coldstart.py{flags} --size {size_text} "
+        f"--runs {runs}`."),
         "",
         "| method | process start → done (s) | × floor | load (s) | × cat | notes |",
         "|---|---:|---:|---:|---:|---|",
     ]
     notes = {
-        "floor": "`python -c 'import torch'` + `cat` weights > /dev/null; load = the cat",
+        "floor": ("`python -c 'import torch'`" + (" + CUDA context" if cuda else "")
+                  + " + `cat` weights > /dev/null; load = the cat"),
         "weightcache-server": "until `/readyz` 200 (weights loaded + warm-up inference ran); load = server's load phase",
         FALLBACK: "no agent, empty cache: the server fetches from S3 (loopback) itself, then loads (its wait phase is the fetch)",
-        "weightcache load_model": "the server's loader alone (mmap + MADV_POPULATE_READ, manifest size check)",
+        "weightcache load_model": ("the server's loader alone (pipelined: 4 threads over all files, pinned buffers, "
+                                   "a stream each; manifest size check)" if cuda else
+                                   "the server's loader alone (mmap + MADV_POPULATE_READ, manifest size check)"),
+        ONE_THREAD: "the same pipeline with one thread: one chunk read, then copied, file after file",
+        CUDA_PEER: "`safetensors.torch.load_file(f, device='cuda')` per shard",
         "safetensors load_file + touch": "`safetensors.torch.load_file` per shard (lazy on CPU), then one byte per page touched",
         "torch.load(mmap=True) + touch": "lazy mmap, then one byte per page touched (else nothing is read)",
         "runai-model-streamer": "`SafetensorsStreamer.stream_files` to cpu, owned tensors",
@@ -315,11 +380,22 @@ def write_results(out: Path, size_text: str, size: int, runs: int, dropped: bool
             (f"Targets: ready ≤ 1.25 × floor → {server['wall_s'] / floor_wall:.2f} × floor; "
             f"server load ({server.get('load_s', float('nan')):.2f} s) vs fastest peer load ({fastest_peer:.2f} s)."),
         ]
-    (out / "coldstart.md").write_text("\n".join(lines) + "\n")
-    (out / "coldstart.json").write_text(json.dumps(
-        {"size_bytes": size, "runs": runs, "page_cache_dropped": dropped, "machine": machine,
+    stem = "coldstart-cuda" if cuda else "coldstart"
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(
+        {"size_bytes": size, "dtype": dtype, "device": device, "runs": runs, "page_cache_dropped": dropped,
+         "machine": machine,
          "median": summary, "samples": samples}, indent=2))
     print("\n".join(lines))
+
+
+def gpu_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return out.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -81,15 +81,16 @@ def write_demo_model(
     directory: Path, shape: DemoShape, *, shard_bytes: int = DEFAULT_SHARD_BYTES, seed: int = 0
 ) -> list[Path]:
     """Write config.json and the weights into ``directory``; returns the weight files written."""
-    if shape.torch_dtype not in _DTYPES or shape.torch_dtype == "bfloat16":
-        raise ConfigError(f"demo model dtype must be float16 or float32, not {shape.torch_dtype!r}")
+    if shape.torch_dtype not in _DTYPES:
+        raise ConfigError(f"demo model dtype must be one of {', '.join(_DTYPES)}, not {shape.torch_dtype!r}")
     code, np_dtype = _DTYPES[shape.torch_dtype]
-    itemsize = np.dtype(np_dtype).itemsize
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     # Uniform in ±1/sqrt(fan_in)-ish: small enough that tanh activations neither saturate nor vanish much.
     scale = 1.0 / math.sqrt(max(shape.hidden_size, shape.input_dim))
-    block = ((rng.random(_BLOCK_ELEMENTS, dtype=np.float32) * 2 - 1) * scale).astype(np_dtype)
+    values = (rng.random(_BLOCK_ELEMENTS, dtype=np.float32) * 2 - 1) * scale
+    block = _bfloat16_bits(values) if np_dtype is None else values.astype(np_dtype)
+    itemsize = block.dtype.itemsize
 
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     used = 0
@@ -115,6 +116,12 @@ def write_demo_model(
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (directory / "config.json").write_text(json.dumps(shape.config(), indent=2))
     return written
+
+
+def _bfloat16_bits(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """float32 → bfloat16 bit patterns (numpy has no bfloat16): the top half, rounded to nearest even."""
+    bits = values.astype(np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 def _write_safetensors(
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", type=Path, metavar="DIR")
     parser.add_argument("--size", default="100MiB", help="total weight bytes: 2GiB, 500MiB, 1G or plain bytes")
     parser.add_argument("--shard-size", default="512MiB", help="largest shard (default 512MiB)")
-    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    parser.add_argument("--dtype", default="float16", choices=list(_DTYPES))
     parser.add_argument("--input-dim", type=int, default=64)
     parser.add_argument("--output-dim", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         size, shard = parse_size(args.size), parse_size(args.shard_size)
     except ConfigError as e:
         parser.error(str(e))
-    itemsize = 2 if args.dtype == "float16" else 4
+    itemsize = 4 if args.dtype == "float32" else 2
     shape = shape_for_size(size, input_dim=args.input_dim, output_dim=args.output_dim, itemsize=itemsize)
     shape = DemoShape(shape.input_dim, shape.hidden_size, shape.num_layers, shape.output_dim, args.dtype)
     start = time.perf_counter()

@@ -17,14 +17,17 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.config import ServerSettings
 from server.errors import FallbackFetchError, HandlerError, ModelWaitTimeoutError, NotReadyError, StartupError
 from server.handlers import Handler, import_factory
-from server.loading import LoadedModel, load_model, resolve_device
+from server.loading import LoadedModel, load_model, prepare_device
 from server.metrics import ServerMetrics
 from server.waiting import resolve_model_path, wait_for_path
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +87,22 @@ class ModelService:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _cold_start(self) -> None:
+        # The device (a GPU's context) is made ready on the inference thread while we wait for the model.
+        device = asyncio.get_running_loop().run_in_executor(self._executor, prepare_device, self.settings.device)
         try:
             started = time.perf_counter()
             path = await self._wait()
             self._record("wait", time.perf_counter() - started)
-            await self._load_and_warm(path)
+            await self._load_and_warm(path, await device)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - anything here means we can never serve: fail loudly, once
             self._fail(e)
+        finally:
+            if not device.done():
+                device.cancel()
+            elif not device.cancelled():
+                device.exception()  # retrieved: a wait that failed first is the error we report
 
     def _set(self, phase: str, reason: str) -> None:
         self.status.phase, self.status.reason = phase, reason
@@ -201,13 +211,12 @@ class ModelService:
 
     # ------------------------------------------------------------------------------------------- load
 
-    async def _load_and_warm(self, path: Path) -> None:
+    async def _load_and_warm(self, path: Path, device: torch.device) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
         root = self._root
         self._set("loading", f"loading weights from {path}")
         started = time.perf_counter()
-        device = resolve_device(s.device)
         loaded = await loop.run_in_executor(
             self._executor,
             lambda: load_model(path, root=root, device=device, strategy=s.load_strategy, verify=s.verify),

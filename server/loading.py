@@ -11,8 +11,9 @@ What it does, in order (all of it blocking: callers run it in a worker thread so
    - ``mmap`` (CPU): zero-copy. Each file is mapped privately and tensors are ``torch.frombuffer`` views into it;
      the pages are then faulted in with ``MADV_POPULATE_READ`` in parallel chunks, so that "loaded" honestly
      means "resident" and the first inference does not pay for the disk.
-   - ``pipelined`` (CUDA): each file is read with ``preadv`` into a ring of pinned host buffers while the previous
-     buffer is copied to the device asynchronously on a side stream: disk reads and host→device copies overlap.
+   - ``pipelined`` (CUDA): several threads ``preadv`` chunks of several files at once into their own pinned host
+     buffers while their previous chunks are copied to the device asynchronously on their own streams: disk reads
+     and host→device copies overlap, across files.
      On CPU the same code runs with ordinary buffers (that is how the tests exercise it).
 
 It never writes to the cache (the root is mounted read-only) and never returns a partially loaded model: any
@@ -23,9 +24,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 import logging
 import mmap
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -194,50 +197,96 @@ def _view(flat: torch.Tensor, byte_offset: int, spec: TensorSpec) -> torch.Tenso
 
 
 class PipelinedStrategy:
-    """Disk → pinned host ring → device, overlapped: ``preadv`` fills one buffer while another is copied.
+    """Disk → pinned host buffers → device, several files at once, reads and copies overlapped.
 
-    On CUDA the copies are asynchronous on a side stream and each buffer is reused only after its copy's event
-    completed. On CPU the same loop runs with plain buffers and synchronous copies.
+    The weights are cut into chunks, interleaved across files, and ``workers`` threads take them in turn: each
+    thread ``preadv``s a chunk into one of its own pinned buffers while its previous chunk is still being copied to
+    the device on the thread's own stream. So several files are read at once (the disk gets a queue, as in the
+    mmap strategy) and the host→device copies of one thread overlap the reads of all. A buffer is reused only
+    after the event of its previous copy completed. Every device buffer is allocated before the first read, so a
+    model that does not fit fails at once. On CPU the same code runs with plain buffers and synchronous copies
+    (that is how the tests exercise it).
     """
 
     name = "pipelined"
 
-    def __init__(self, *, chunk_bytes: int = 64 * 1024 * 1024, buffers: int = 2) -> None:
+    def __init__(self, *, chunk_bytes: int = 32 * 1024 * 1024, buffers: int = 2, workers: int = 4) -> None:
         self._chunk = chunk_bytes
         self._buffers = buffers
+        self._workers = workers
 
     def load(self, files: ModelFiles, device: torch.device) -> dict[str, torch.Tensor]:
+        weights = list(files.weights)
+        dests = [torch.empty(wf.data_len, dtype=torch.uint8, device=device) for wf in weights]
+        chunk = min(self._chunk, max((wf.data_len for wf in weights), default=1) or 1)
+        per_file = [[(i, off, min(chunk, wf.data_len - off)) for off in range(0, wf.data_len, chunk)]
+                    for i, wf in enumerate(weights)]
+        # Round-robin over files: the first chunks of several files are in flight at once.
+        tasks = [t for group in itertools.zip_longest(*per_file) for t in group if t is not None]
+        fds: list[int] = []
+        try:
+            for wf in weights:
+                fds.append(os.open(wf.path, os.O_RDONLY))
+                _advise_sequential(fds[-1], wf.size)
+            queue = iter(tasks)
+            lock = threading.Lock()
+            failed = threading.Event()
+
+            def take() -> tuple[int, int, int] | None:
+                with lock:
+                    return None if failed.is_set() else next(queue, None)
+
+            def work() -> None:
+                try:
+                    self._copy_chunks(take, weights, fds, dests, chunk, device)
+                except BaseException:
+                    failed.set()  # the other workers stop at their next chunk: the load fails as a whole
+                    raise
+
+            workers = max(1, min(self._workers, len(tasks)))
+            with ThreadPoolExecutor(workers, thread_name_prefix="load") as pool:
+                for future in [pool.submit(work) for _ in range(workers)]:
+                    future.result()
+        finally:
+            for fd in fds:
+                os.close(fd)
+        state: dict[str, torch.Tensor] = {}
+        for wf, dest in zip(weights, dests):
+            for spec in wf.tensors.values():
+                state[spec.name] = _view(dest, spec.start, spec)
+        return state
+
+    def _copy_chunks(
+        self,
+        take: Callable[[], tuple[int, int, int] | None],
+        weights: list[SafetensorsFile],
+        fds: list[int],
+        dests: list[torch.Tensor],
+        chunk: int,
+        device: torch.device,
+    ) -> None:
+        """One worker: read chunks into its own ring of buffers, copy each to its place on the device."""
         cuda = device.type == "cuda"
-        chunk = min(self._chunk, max((wf.data_len for wf in files.weights), default=1) or 1)
         ring = [torch.empty(chunk, dtype=torch.uint8, pin_memory=cuda) for _ in range(self._buffers)]
         views = [b.numpy().data for b in ring]
         events: list[Any] = [None] * self._buffers
         stream = torch.cuda.Stream(device=device) if cuda else None  # type: ignore[no-untyped-call]
-        state: dict[str, torch.Tensor] = {}
         slot = 0
-        for wf in files.weights:
-            dest = torch.empty(wf.data_len, dtype=torch.uint8, device=device)
-            with open(wf.path, "rb", buffering=0) as f:
-                fd = f.fileno()
-                _advise_sequential(fd, wf.size)
-                for offset in range(0, wf.data_len, chunk):
-                    n = min(chunk, wf.data_len - offset)
-                    if events[slot] is not None:
-                        events[slot].synchronize()  # the buffer's previous copy must be done before we overwrite it
-                    _pread_exact(fd, views[slot][:n], wf.data_offset + offset, wf.path)
-                    if stream is not None:
-                        with torch.cuda.stream(stream):
-                            dest[offset : offset + n].copy_(ring[slot][:n], non_blocking=True)
-                            events[slot] = torch.cuda.Event()  # type: ignore[no-untyped-call]
-                            events[slot].record(stream)
-                    else:
-                        dest[offset : offset + n].copy_(ring[slot][:n])
-                    slot = (slot + 1) % self._buffers
-            for spec in wf.tensors.values():
-                state[spec.name] = _view(dest, spec.start, spec)
+        while (task := take()) is not None:
+            i, offset, n = task
+            if events[slot] is not None:
+                events[slot].synchronize()  # the buffer's previous copy must be done before we overwrite it
+            _pread_exact(fds[i], views[slot][:n], weights[i].data_offset + offset, weights[i].path)
+            if stream is not None:
+                with torch.cuda.stream(stream):
+                    dests[i][offset : offset + n].copy_(ring[slot][:n], non_blocking=True)
+                    events[slot] = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                    events[slot].record(stream)
+            else:
+                dests[i][offset : offset + n].copy_(ring[slot][:n])
+            slot = (slot + 1) % self._buffers
         if stream is not None:
             stream.synchronize()
-        return state
 
 
 def _advise_sequential(fd: int, size: int) -> None:
@@ -267,6 +316,16 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("WEIGHTCACHE_DEVICE=cuda but torch sees no GPU")
     return torch.device(name)
+
+
+def prepare_device(name: str) -> torch.device:
+    """``resolve_device`` and, for a GPU, create its context now: it takes a second or more on a big GPU, and the
+    server runs this while it still waits for the model, so the load does not pay for it."""
+    device = resolve_device(name)
+    if device.type == "cuda":
+        torch.cuda.init()  # type: ignore[no-untyped-call]
+        torch.empty(1, device=device)  # the context of *this* device, not just the runtime
+    return device
 
 
 def choose_strategy(name: str, device: torch.device) -> LoadStrategy:
@@ -326,6 +385,7 @@ def load_model(
 
 
 __all__ = [
-    "STRATEGIES", "CacheManifest", "LoadedModel", "choose_strategy", "find_manifest", "load_model", "resolve_device",
+    "STRATEGIES", "CacheManifest", "LoadedModel", "choose_strategy", "find_manifest", "load_model", "prepare_device",
+    "resolve_device",
     "verify_files",
 ]

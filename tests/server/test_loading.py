@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from server.errors import CorruptModelError, ModelLoadError
 from server.formats import discover, read_safetensors_header
-from server.loading import load_model
+from server.loading import PipelinedStrategy, load_model
 from tests.server.conftest import CacheRoot
 
 CPU = torch.device("cpu")
@@ -42,6 +42,25 @@ def test_pipelined_strategy_loads_the_same_tensors_as_mmap(tiny_model: Path, tmp
     assert piped.strategy == "pipelined"
     for name, tensor in mapped.state_dict.items():
         assert torch.equal(piped.state_dict[name], tensor), name
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_pipelined_chunks_across_files_and_workers_land_in_place(tiny_model: Path, workers: int) -> None:
+    # Chunks of 1000 bytes: several per shard, uneven tails, interleaved over files and taken by several threads.
+    files = discover(tiny_model)
+    state = PipelinedStrategy(chunk_bytes=1000, buffers=2, workers=workers).load(files, CPU)
+    reference = _reference(tiny_model)
+    assert state.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_pipelined_file_truncated_after_the_check_fails_the_whole_load(tiny_model: Path) -> None:
+    files = discover(tiny_model)
+    shard = files.weights[-1].path
+    os.truncate(shard, shard.stat().st_size - 100)
+    with pytest.raises(CorruptModelError, match="truncated since checked"):
+        PipelinedStrategy(chunk_bytes=1000, workers=3).load(files, CPU)
 
 
 def test_single_safetensors_file_loads_without_config(tiny_model: Path, tmp_path: Path) -> None:
