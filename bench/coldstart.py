@@ -276,6 +276,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--skip", action="append", default=[], help="skip a method (repeatable)")
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--warm", action="store_true",
+                        help="keep the page cache: the model as the agent leaves it right after fetching it")
     args = parser.parse_args()
     size = parse_size(args.size)
 
@@ -300,7 +302,8 @@ def main() -> int:
         dropped = True
         for run in range(args.runs):
             for method in methods:
-                dropped &= drop_caches()
+                if not args.warm:
+                    dropped &= drop_caches()
                 if method == "floor":
                     sample = run_floor(weights, args.device)
                 elif method == "weightcache-server":
@@ -319,12 +322,12 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     summary = {m: {k: median([s[k] for s in ss if k in s]) for k in ss[0]} for m, ss in samples.items() if ss}
-    write_results(args.out, args.size, size, args.runs, dropped, summary, samples, device=args.device,
-                  dtype=args.dtype)
+    write_results(args.out, args.size, size, args.runs, None if args.warm else dropped, summary, samples,
+                  device=args.device, dtype=args.dtype)
     return 0
 
 
-def write_results(out: Path, size_text: str, size: int, runs: int, dropped: bool, summary: dict[str, dict[str, float]],
+def write_results(out: Path, size_text: str, size: int, runs: int, dropped: bool | None, summary: dict[str, dict[str, float]],
                   samples: dict[str, list[dict[str, float]]], *, device: str, dtype: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     floor = summary.get("floor", {})
@@ -337,12 +340,15 @@ def write_results(out: Path, size_text: str, size: int, runs: int, dropped: bool
         machine += f", GPU {gpu_name()}"
     cuda = device == "cuda"
     flags = (f" --device cuda --dtype {dtype}" if cuda else (f" --dtype {dtype}" if dtype != "float16" else ""))
+    flags += " --warm" if dropped is None else ""
+    cache = ("kept warm (the model as the agent leaves it right after a fetch; torch's files cached too)"
+             if dropped is None else "dropped" if dropped else "NOT dropped (not root?)")
     lines = [
         "# Cold start: process start → ready" + (" on a GPU" if cuda else ""),
         "",
         (f"Model: demo MLP, {size / 2**30:.2f} GiB {dtype} safetensors in 512 MiB shards, node-cache layout, "
         f"weights loaded onto {'the GPU' if cuda else 'the CPU'}. "
-        f"Median of {runs} run(s); page cache {'dropped' if dropped else 'NOT dropped (not root?)'} before each "
+        f"Median of {runs} run(s); page cache {cache} before each "
         f"measurement. Machine: {machine}. Command: `python bench/coldstart.py{flags} --size {size_text} "
         f"--runs {runs}`."),
         "",
@@ -380,7 +386,7 @@ def write_results(out: Path, size_text: str, size: int, runs: int, dropped: bool
             (f"Targets: ready ≤ 1.25 × floor → {server['wall_s'] / floor_wall:.2f} × floor; "
             f"server load ({server.get('load_s', float('nan')):.2f} s) vs fastest peer load ({fastest_peer:.2f} s)."),
         ]
-    stem = "coldstart-cuda" if cuda else "coldstart"
+    stem = ("coldstart-cuda" if cuda else "coldstart") + ("-warm" if dropped is None else "")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     (out / f"{stem}.json").write_text(json.dumps(
         {"size_bytes": size, "dtype": dtype, "device": device, "runs": runs, "page_cache_dropped": dropped,

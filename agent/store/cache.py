@@ -391,8 +391,9 @@ class Cache:
         with contextlib.suppress(FileNotFoundError):
             for e in os.scandir(self.tmp):
                 with contextlib.suppress(FileNotFoundError):
-                    if e.is_file(follow_symlinks=False):
-                        total += e.stat(follow_symlinks=False).st_blocks * 512
+                    st = e.stat(follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:  # a second link: a blob, counted there
+                        total += st.st_blocks * 512
         return total
 
     def used_bytes(self) -> int:

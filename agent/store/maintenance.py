@@ -331,6 +331,10 @@ def _clean_tmp(cache: Cache, *, orphan_max_age_seconds: float, stats: dict[str, 
                     shutil.rmtree(e.path, ignore_errors=True)
                 elif not stat.S_ISREG(st.st_mode) or now - st.st_mtime > orphan_max_age_seconds:
                     os.unlink(e.path)
+                elif st.st_nlink > 1:  # already adopted into blobs/ (killed before its temp name went): no resume
+                    os.unlink(e.path)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(str(Path(e.path).with_suffix(".parts")))
                 elif e.name.endswith(".parts") and f"boot={boot}" not in _first_line(Path(e.path)):
                     os.unlink(e.path)  # resume records of an earlier boot: their bytes may never have hit the disk
                     with contextlib.suppress(FileNotFoundError):

@@ -80,8 +80,10 @@ def test_sweep_stale_removes_only_namespaces_of_dead_owners() -> None:
 
 
 HOLDER = """
-import sys, time
+import signal, sys, time
 from bench.netns import Topology
+# As in a terminal: a shell's background job (CI started with `&`) inherits SIGINT ignored, and Python keeps that.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with Topology(1, prefix=sys.argv[1]) as topo:
     sleeper = topo.popen(topo.nodes[0], ["sleep", "60"])
     print(topo.tag, sleeper.pid, flush=True)

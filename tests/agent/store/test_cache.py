@@ -347,6 +347,21 @@ def test_recovery_deletes_partial_downloads_older_than_the_age_limit(cache: Cach
     assert not tmp.exists()
 
 
+def test_recovery_drops_a_download_killed_after_it_became_a_blob(cache: Cache) -> None:
+    # Killed between linking the verified download into blobs/ and removing its temp name: one inode, two names.
+    tmp = cache.tmp_download_path("abc")
+    tmp.write_bytes(b"verified bytes")
+    record = tmp.with_suffix(".parts")
+    record.write_text(f"weightcache-parts v2 size=14 part=1048576 boot={layout.current_boot_id()}\n")
+    blob = cache.blob_path(digest_of(b"verified bytes"))
+    os.link(tmp, blob)
+    assert cache.used_bytes() == 14 + record.stat().st_blocks * 512  # the inode is charged once, as the blob
+    cache.recover(orphan_max_age_seconds=3600)
+    assert not tmp.exists() and not record.exists()
+    cache.sweep_orphan_blobs(min_age_seconds=0)  # nothing links it now: an orphan like any other
+    assert not blob.exists() and cache.used_bytes() == 0
+
+
 def test_recovery_leaves_a_ready_model_untouched(cache: Cache) -> None:
     build(cache, "s3://bkt/m/", {"a.txt": b"A"})
     cache.recover(orphan_max_age_seconds=3600)  # the first recovery of a boot records the boot

@@ -106,11 +106,11 @@ def staged_digests(root: Path) -> set[str]:
 
 
 def tmp_file_bytes(root: Path) -> int:
-    """What ``used_bytes`` should charge for ``tmp/``: its regular files, by allocated blocks."""
+    """What ``used_bytes`` should charge for ``tmp/``: its regular files of one link (else a blob), by blocks."""
     total = 0
     for e in os.scandir(root / "tmp"):
         st_ = e.stat(follow_symlinks=False)
-        if stat.S_ISREG(st_.st_mode):
+        if stat.S_ISREG(st_.st_mode) and st_.st_nlink == 1:
             total += st_.st_blocks * 512
     return total
 
