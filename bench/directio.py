@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                 names = list(MODES)
                 for r in range(args.rounds + 1):  # round 0: warm-up (rclone hashes each object once), discarded
                     for i, mode in enumerate(names[r % 2:] + names[:r % 2]):
+                        # The last fetch's files go before the settle, not inside the next timing (see datapath).
+                        shutil.rmtree(dest / f"agent{names.index(mode)}", ignore_errors=True)
                         settle(dest / "settle", nbytes)
                         time.sleep(args.pause)
                         s = agents[mode].fetch()

@@ -87,11 +87,17 @@ class ModelService:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _cold_start(self) -> None:
-        # The device (a GPU's context) is made ready on the inference thread while we wait for the model.
+        # The device (a GPU's context) is made ready on the inference thread while we wait for the model; one
+        # that cannot be used (cuda asked for, no GPU seen) fails the start at once, not when the model arrives.
         device = asyncio.get_running_loop().run_in_executor(self._executor, prepare_device, self.settings.device)
+        started = time.perf_counter()
+        waiting = asyncio.ensure_future(self._wait())
         try:
-            started = time.perf_counter()
-            path = await self._wait()
+            either: set[asyncio.Future[Any]] = {device, waiting}
+            await asyncio.wait(either, return_when=asyncio.FIRST_EXCEPTION)
+            if device.done() and device.exception() is not None:
+                await device  # raises it
+            path = await waiting
             self._record("wait", time.perf_counter() - started)
             await self._load_and_warm(path, await device)
         except asyncio.CancelledError:
@@ -99,10 +105,11 @@ class ModelService:
         except Exception as e:  # noqa: BLE001 - anything here means we can never serve: fail loudly, once
             self._fail(e)
         finally:
-            if not device.done():
-                device.cancel()
-            elif not device.cancelled():
-                device.exception()  # retrieved: a wait that failed first is the error we report
+            for future in (waiting, device):
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()  # retrieved: the first error is the one reported
 
     def _set(self, phase: str, reason: str) -> None:
         self.status.phase, self.status.reason = phase, reason

@@ -46,6 +46,23 @@ def test_model_that_never_appears_exits_non_zero_with_the_reason(tmp_path: Path,
     assert str(tmp_path / "models/s3/bucket/never") in stderr
 
 
+def test_cuda_without_a_gpu_fails_at_once_not_when_the_model_arrives(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    if torch_sees_a_gpu():
+        return  # the premise needs a machine without a GPU (this suite's); on a GPU node cuda is simply used
+    server = start_server(WEIGHTCACHE_MODEL="s3://bucket/never/", WEIGHTCACHE_ROOT=str(tmp_path),
+                          WEIGHTCACHE_DEVICE="cuda", WEIGHTCACHE_WAIT_TIMEOUT_SECONDS="600")
+    assert server.wait_exit(timeout=60) == 1
+    assert "WEIGHTCACHE_DEVICE=cuda but torch sees no GPU" in server.stderr()
+
+
+def torch_sees_a_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def test_shard_whose_size_disagrees_with_the_manifest_exits_non_zero(
     cache_root: CacheRoot, start_server: StartServer
 ) -> None:
