@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,8 +109,53 @@ def bar_plot(name: str, labels: Sequence[str], values: Sequence[float], *, title
 
 
 def machine_note() -> str:
+    held = "; the VM's free page reporting held off while measuring (bench/common.py)" if _reporting_held else ""
     return (f"{os.cpu_count()} CPU cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB "
-            f"RAM; page cache dropped before every run; S3 server data on tmpfs")
+            f"RAM; page cache dropped before every run; S3 server data on tmpfs{held}")
+
+
+#: Free page reporting (virtio-balloon): the guest tells its host which free pages it may take back.
+PAGE_REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+_reporting_held = False
+
+
+@contextlib.contextmanager
+def page_reporting_held(setting: Path = PAGE_REPORTING_ORDER) -> Iterator[bool]:
+    """Keep this VM from handing freed memory back to its host while a benchmark runs (restored afterwards).
+
+    On a VM with free page reporting, memory the guest frees (a deleted download, a dropped page cache) is given
+    back to the host a moment later, and whoever fills it next pays a host page fault per 4 KiB page: a page-cache
+    writer then spends most of its system time there (``perf``: ``copy_folio_from_iter_atomic``), by an amount that
+    depends on what ran before it and when — measured here, one S3 stack went from 4.22 s to 1.82 s for the same
+    2 GiB with reporting held off. Nodes on bare metal or EC2 have no such cost, so benchmarks hold it off and
+    measure the tools. Reporting only covers free blocks of at least 2^order pages; an order above the largest
+    (10) reports nothing. Needs root; ``BENCH_KEEP_PAGE_REPORTING=1`` leaves it alone. Yields whether it is held.
+    """
+    global _reporting_held
+    if os.environ.get("BENCH_KEEP_PAGE_REPORTING") == "1" or _reporting_held:
+        yield _reporting_held
+        return
+    try:
+        original = setting.read_text().strip()
+        setting.write_text("11\n")
+    except OSError:
+        yield False
+        return
+    main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _exit_on_signal) if main else None
+    _reporting_held = True
+    try:
+        yield True
+    finally:
+        _reporting_held = False
+        with contextlib.suppress(OSError):
+            setting.write_text(original + "\n")
+        if main:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through page_reporting_held, which restores the setting
 
 
 def rss_self_mb() -> float:

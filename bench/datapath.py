@@ -21,7 +21,9 @@ after s5cmd lost seconds to s5cmd's leftovers. With it every tool starts from th
 hands memory freed in the guest back to its host about 2 s later (virtio-balloon free page reporting), and a page
 cache writer that starts writing after that pays a host fault per page it fills. A tool that starts writing within
 milliseconds of the settle (s5cmd, the daemon) pays less of it than one that first spends 0.5 s starting Python, and
-``O_DIRECT`` writes pay none of it.
+``O_DIRECT`` writes pay none of it. So the benchmark holds that reporting off while it runs
+(:func:`bench.common.page_reporting_held`, restored afterwards; ``BENCH_KEEP_PAGE_REPORTING=1`` measures with it):
+nodes on bare metal or EC2 have no such cost, and it was the largest source of run-to-run noise here.
 
 Measured per run: wall seconds, CPU seconds (user + sys of that process, from ``wait4``/``getrusage``) and peak
 RSS. Shapes: ``issue`` (2 × 1 GiB + 40 × 1 MiB), ``mid`` (150 × 12 MiB), ``small`` (2,000 × 64 KiB);
@@ -42,7 +44,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import drop_caches, machine_note, markdown_table, median, run_timed, write_results
+from bench.common import (
+    drop_caches,
+    machine_note,
+    markdown_table,
+    median,
+    page_reporting_held,
+    run_timed,
+    write_results,
+)
 from demo.s3server import EmbeddedS3
 
 REPO = Path(__file__).resolve().parent.parent
@@ -275,4 +285,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with page_reporting_held():  # see bench/common.py: measure the tools, not this VM's memory hand-back
+        sys.exit(main())
