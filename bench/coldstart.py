@@ -193,8 +193,8 @@ def build(root: Path, size: int, dtype: str, *, torch_file: bool) -> tuple[list[
     pt = root / "model.pt"
     if torch_file:
         subprocess.run([PY, "-c", (
-        "import sys, torch\nfrom safetensors.torch import load_file\nstate = {}\n"
-        "for f in sys.argv[2:]: state.update(load_file(f))\ntorch.save(state, sys.argv[1])"
+            "import sys, torch\nfrom safetensors.torch import load_file\nstate = {}\n"
+            "for f in sys.argv[2:]: state.update(load_file(f))\ntorch.save(state, sys.argv[1])"
         ), str(pt), *map(str, weights)], check=True)
     print(f"built {sum(f.size for f in files) / 2**30:.2f} GiB model in {time.perf_counter() - started:.1f} s "
           f"(hidden {shape.hidden_size}, {shape.num_layers} layers, {len(weights)} shards)", file=sys.stderr)
@@ -287,7 +287,8 @@ def main() -> int:
         if args.device == "cuda":
             methods = ["floor", "weightcache-server", "weightcache load_model", ONE_THREAD, CUDA_PEER, FALLBACK]
         else:
-            methods = ["floor", "weightcache-server", FALLBACK, *(p for p in PEERS if p not in (ONE_THREAD, CUDA_PEER))]
+            cpu_peers = [p for p in PEERS if p not in (ONE_THREAD, CUDA_PEER)]
+            methods = ["floor", "weightcache-server", FALLBACK, *cpu_peers]
         methods = [m for m in methods if m not in args.skip]
         weights, pt = build(workdir, size, args.dtype, torch_file=any(m.startswith("torch.load") for m in methods))
         if FALLBACK in methods:
@@ -327,8 +328,10 @@ def main() -> int:
     return 0
 
 
-def write_results(out: Path, size_text: str, size: int, runs: int, dropped: bool | None, summary: dict[str, dict[str, float]],
-                  samples: dict[str, list[dict[str, float]]], *, device: str, dtype: str) -> None:
+def write_results(out: Path, size_text: str, size: int, runs: int, dropped: bool | None,
+                  summary: dict[str, dict[str, float]], samples: dict[str, list[dict[str, float]]], *,
+                  device: str, dtype: str) -> None:
+    """``dropped``: whether the page cache was dropped before each run; None when it was kept warm on purpose."""
     out.mkdir(parents=True, exist_ok=True)
     floor = summary.get("floor", {})
     floor_wall, floor_load = floor.get("wall_s", float("nan")), floor.get("load_s", float("nan"))
