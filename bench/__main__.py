@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         "footprint": [sys.executable, "bench/agent_footprint.py"],
         "soak": [sys.executable, "-m", "bench.soak", *(["--quick"] if q else [])],
         "s3stacks": [sys.executable, "-m", "bench.s3stacks",
-                     *(["--large-size", "256MiB", "--runs", "1"] if q else ["--runs", "3"])],
+                     *(["--large-size", "256MiB", "--runs", "1"] if q else ["--runs", "5"])],
     }
     failed = []
     for name, cmd in plan.items():
