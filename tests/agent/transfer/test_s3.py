@@ -9,6 +9,7 @@ import os
 import urllib.parse
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import botocore.session
@@ -31,13 +32,12 @@ from agent.errors import (
     S3Error,
     WriteError,
 )
-from agent.transfer.presign import host_header, presign_get
+from agent.transfer.presign import PROBE_KEY, fast_presigner, host_header, presign_get
 from agent.transfer.s3 import (
-    _PROBE_KEY,
     ObjectInfo,
     S3Client,
+    ServiceDataLoader,
     TruncatedBodyError,
-    _fast_presigner,
     is_retryable,
     normalize_etag,
 )
@@ -474,7 +474,7 @@ def test_the_fast_presigner_signs_every_key_as_botocore_does(region: str, endpoi
         return str(client.generate_presigned_url("get_object", Params={"Bucket": "models", "Key": key},
                                                  ExpiresIn=900))
 
-    fast = _fast_presigner(theirs(_PROBE_KEY), credentials)
+    fast = fast_presigner(theirs(PROBE_KEY), credentials)
     assert fast is not None
     for key in ["m/model-00001-of-00002.safetensors", "m/ü ñ/@!$'()*,;.txt"]:
         a, b = urllib.parse.urlsplit(fast(key)), urllib.parse.urlsplit(theirs(key))
@@ -487,13 +487,13 @@ def test_the_fast_presigner_signs_every_key_as_botocore_does(region: str, endpoi
 def test_a_presigned_url_in_a_form_we_do_not_reproduce_is_left_to_botocore() -> None:
     credentials = Credentials("AKIDEXAMPLE", "secret")
     client = _botocore_presigner(credentials, region="us-east-1", endpoint="http://127.0.0.1:9000", style="path")
-    reference = str(client.generate_presigned_url("get_object", Params={"Bucket": "models", "Key": _PROBE_KEY},
+    reference = str(client.generate_presigned_url("get_object", Params={"Bucket": "models", "Key": PROBE_KEY},
                                                   ExpiresIn=900))
-    assert _fast_presigner(reference, credentials) is not None
-    assert _fast_presigner(reference + "&x-id=GetObject", credentials) is None  # a parameter we do not sign
-    assert _fast_presigner(reference, Credentials("AKIDEXAMPLE", "another secret")) is None  # not reproduced
-    assert _fast_presigner(reference.replace("weightcache/probe", "other"), credentials) is None  # key not found
-    assert _fast_presigner(reference, None) is None
+    assert fast_presigner(reference, credentials) is not None
+    assert fast_presigner(reference + "&x-id=GetObject", credentials) is None  # a parameter we do not sign
+    assert fast_presigner(reference, Credentials("AKIDEXAMPLE", "another secret")) is None  # not reproduced
+    assert fast_presigner(reference.replace("weightcache/probe", "other"), credentials) is None  # key not found
+    assert fast_presigner(reference, None) is None
 
 
 # --- the lean HTTP client: kept-alive connections and chunked bodies -----------------------------------------
@@ -585,3 +585,26 @@ async def test_a_chunked_body_is_read_as_the_same_bytes(s3_server: S3Server, buc
             assert await read_all(s3, bucket, info) == data
             assert await read_all(s3, bucket, info, start=12_345, length=100_001) == data[12_345:112_346]
         assert front.chunked_bodies == 2
+
+
+@pytest.mark.parametrize("type_name", ["service-2", "endpoint-rule-set-1", "paginators-1"])
+def test_the_service_loader_answers_as_botocores_full_scan(type_name: str) -> None:
+    import botocore.loaders
+
+    full = botocore.loaders.Loader().list_available_services(type_name)
+    mine = ServiceDataLoader().list_available_services(type_name)
+    for name in ["s3", "sts", "sso-oidc", "ec2", "no-such-service", "../s3", ""]:
+        assert (name in mine) == (name in full), name
+    assert list(mine) == list(full) and len(mine) == len(full)  # iterating still lists every service
+
+
+def test_the_service_loader_keeps_botocores_extra_data_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import botocore.session
+
+    model = tmp_path / "madeup" / "2024-01-01" / "service-2.json"
+    model.parent.mkdir(parents=True)
+    model.write_text("{}")
+    monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
+    loader = ServiceDataLoader.for_session(botocore.session.get_session())
+    assert "madeup" in loader.list_available_services("service-2")
+    assert "s3" in loader.list_available_services("service-2")
