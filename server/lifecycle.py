@@ -90,16 +90,15 @@ class ModelService:
         # The device (a GPU's context) is made ready on the inference thread while we wait for the model; one
         # that cannot be used (cuda asked for, no GPU seen) fails the start at once, not when the model arrives.
         device = asyncio.get_running_loop().run_in_executor(self._executor, prepare_device, self.settings.device)
-        started = time.perf_counter()
-        waiting = asyncio.ensure_future(self._wait())
+        waiting = asyncio.ensure_future(self._timed_wait())
         try:
             either: set[asyncio.Future[Any]] = {device, waiting}
             await asyncio.wait(either, return_when=asyncio.FIRST_EXCEPTION)
             if device.done() and device.exception() is not None:
                 await device  # raises it
-            path = await waiting
-            self._record("wait", time.perf_counter() - started)
-            await self._load_and_warm(path, await device)
+            path, found_at = await waiting
+            # The load phase starts when the model is there: a device still getting ready is part of it.
+            await self._load_and_warm(path, await device, since=found_at)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - anything here means we can never serve: fail loudly, once
@@ -110,6 +109,13 @@ class ModelService:
                     future.cancel()
                 elif not future.cancelled():
                     future.exception()  # retrieved: the first error is the one reported
+
+    async def _timed_wait(self) -> tuple[Path, float]:
+        started = time.perf_counter()
+        path = await self._wait()
+        found_at = time.perf_counter()
+        self._record("wait", found_at - started)
+        return path, found_at
 
     def _set(self, phase: str, reason: str) -> None:
         self.status.phase, self.status.reason = phase, reason
@@ -218,12 +224,12 @@ class ModelService:
 
     # ------------------------------------------------------------------------------------------- load
 
-    async def _load_and_warm(self, path: Path, device: torch.device) -> None:
+    async def _load_and_warm(self, path: Path, device: torch.device, *, since: float) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
         root = self._root
         self._set("loading", f"loading weights from {path}")
-        started = time.perf_counter()
+        started = since
         loaded = await loop.run_in_executor(
             self._executor,
             lambda: load_model(path, root=root, device=device, strategy=s.load_strategy, verify=s.verify),
