@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,8 +47,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import drop_caches, page_reporting_held
 from common.units import parse_size
-from demo.s3server import EmbeddedS3
+from demo.s3server import EmbeddedS3, free_port
 from server.demo_model import DemoShape, shape_for_size, write_demo_model
 
 PY = sys.executable
@@ -143,21 +143,6 @@ print(json.dumps({"load_s": time.perf_counter() - t, "tensors": len(state)}))
 def pythonpath() -> str:
     """The repo first, then whatever the caller's PYTHONPATH held (a GPU image's extra packages, say)."""
     return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
-
-
-def drop_caches() -> bool:
-    subprocess.run(["sync"], check=True)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def build(root: Path, size: int, dtype: str, *, torch_file: bool) -> tuple[list[Path], Path]:
@@ -408,7 +393,5 @@ def gpu_name() -> str:
 
 
 if __name__ == "__main__":
-    from bench.common import page_reporting_held
-
     with page_reporting_held():  # see bench/common.py: measure the loaders, not this VM's memory hand-back
         sys.exit(main())
